@@ -1,0 +1,725 @@
+"""offlax.common: the plumbing every algorithm script shares, and nothing else.
+
+Sections, in the order a script uses them:
+  1. Data: load any Minari dataset (local, remote, or the project's own `offlax/` suite built on
+     first use), validate it, flatten it to float32 transitions, cache the flat arrays.
+  2. Preprocessing: observation statistics, reward scaling, Monte-Carlo returns-to-go.
+  3. Buffers: on-device uniform sampling, an online replay buffer as a pytree, a mixed sampler.
+  4. Evaluation: deterministic policies on a vectorised environment, all seeds at once.
+  5. Runs: run folder, metrics log, progress bar, checkpoints, exact resume, divergence guard.
+
+The algorithms (networks, losses, updates) never live here: each script holds its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+import flax
+import gymnasium as gym
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# --------------------------------------------------------------------------------------------
+# 1. Data
+# --------------------------------------------------------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parent
+POLICY_DIR = REPO_ROOT / "benchmarks" / "policies"
+FIELDS = ("observations", "actions", "rewards", "next_observations", "terminals", "episode_ends")
+CACHE_NAME = "offlax_flat.npz"
+
+# The offlax suite: D4RL's recipe on Gymnasium v5, with D4RL's reference scores (random, expert).
+OFFLAX_ENVS = {
+    "hopper": ("Hopper-v5", -20.272305, 3234.3),
+    "halfcheetah": ("HalfCheetah-v5", -280.178953, 12135.0),
+    "walker2d": ("Walker2d-v5", 1.629008, 4592.3),
+}
+OFFLAX_QUALITIES = ("random", "medium", "medium-replay", "expert", "medium-expert")
+BUILD_COMMAND = "python benchmarks/make_datasets.py offlax/hopper/random-v0  (or: --all)"
+
+
+class DataError(ValueError):
+    """A dataset is missing, unreadable or inconsistent. The message says what and what to do."""
+
+
+@dataclasses.dataclass
+class Dataset:
+    """Flat float32 transitions of a Minari dataset, plus what evaluation needs.
+
+    `terminals` is the TD done mask (the environment ended the episode); `episode_ends` marks the
+    last transition of every episode, terminal or time limit. A truncated episode keeps its real
+    next observation, so bootstrapping through a time limit stays correct.
+    """
+
+    id: str
+    observations: np.ndarray
+    actions: np.ndarray
+    rewards: np.ndarray
+    next_observations: np.ndarray
+    terminals: np.ndarray
+    episode_ends: np.ndarray
+    env_spec: Any  # gymnasium EnvSpec of the evaluation environment, None if the dataset has none
+    action_low: np.ndarray
+    action_high: np.ndarray
+    ref_min_score: float | None = None
+    ref_max_score: float | None = None
+
+    def __len__(self) -> int:
+        return len(self.rewards)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {k: getattr(self, k) for k in FIELDS}
+
+    def episode_returns(self) -> np.ndarray:
+        """Undiscounted return of every episode (split at `episode_ends`; a trailing cut counts)."""
+        ends = np.flatnonzero(self.episode_ends)
+        if len(ends) == 0 or ends[-1] != len(self) - 1:
+            ends = np.append(ends, len(self) - 1)
+        return np.add.reduceat(self.rewards.astype(np.float64), np.r_[0, ends[:-1] + 1])
+
+    def normalized_score(self, returns) -> np.ndarray:
+        """D4RL's score: 100 * (R - random) / (expert - random); NaN without reference scores."""
+        returns = np.asarray(returns, np.float64)
+        if self.ref_min_score is None or self.ref_max_score is None:
+            return np.full_like(returns, np.nan)
+        return 100.0 * (returns - self.ref_min_score) / (self.ref_max_score - self.ref_min_score)
+
+    def make_env(self) -> gym.Env:
+        if self.env_spec is None:
+            raise DataError(f"dataset {self.id} stores no environment spec: it cannot be evaluated")
+        env = gym.make(self.env_spec)
+        if isinstance(env.observation_space, gym.spaces.Dict):
+            env = gym.wrappers.FlattenObservation(env)
+        return env
+
+
+def datasets_root() -> Path:
+    """Minari's root: $MINARI_DATASETS_PATH, else ~/.minari/datasets."""
+    return Path(os.environ.get("MINARI_DATASETS_PATH") or Path.home() / ".minari" / "datasets")
+
+
+def local_dataset_ids() -> list[str]:
+    root = datasets_root()
+    return sorted(str(p.parent.parent.relative_to(root)) for p in root.glob("**/data/metadata.json"))
+
+
+def load_dataset(dataset_id: str) -> Dataset:
+    """Loads a Minari dataset as flat float32 transitions, validated.
+
+    Order: the local copy; else, for an `offlax/` id, build it from the committed behaviour
+    policies; else download it if the network is reachable, and fail within seconds if not.
+    """
+    data_dir = datasets_root() / dataset_id / "data"
+    if not (data_dir / "metadata.json").exists():
+        if dataset_id.startswith("offlax/"):
+            build_offlax_dataset(dataset_id)
+        else:
+            _download(dataset_id)
+    import minari
+
+    try:
+        mds = minari.load_dataset(dataset_id)
+        arrays = _cached_flat_arrays(mds, data_dir)
+    except DataError:
+        raise
+    except Exception as e:  # h5py, json and Minari errors all mean the files are damaged
+        raise DataError(
+            f"dataset {dataset_id} at {data_dir} could not be read ({type(e).__name__}: {e}). "
+            f"Delete that folder and build or download it again."
+        ) from e
+    obs_space, act_space = mds.spec.observation_space, mds.spec.action_space
+    obs_shape = (gym.spaces.flatdim(obs_space),) if isinstance(obs_space, gym.spaces.Dict) else obs_space.shape
+    validate_transitions(arrays, obs_shape, act_space.low, act_space.high, dataset_id)
+    meta = mds.storage.metadata
+    return Dataset(
+        id=dataset_id,
+        **arrays,
+        env_spec=getattr(mds, "_eval_env_spec", None) or mds.spec.env_spec,
+        action_low=np.asarray(act_space.low, np.float32),
+        action_high=np.asarray(act_space.high, np.float32),
+        ref_min_score=meta.get("ref_min_score"),
+        ref_max_score=meta.get("ref_max_score"),
+    )
+
+
+def _download(dataset_id: str) -> None:
+    """Downloads a remote dataset, or fails fast with the local ids and the build command."""
+    from huggingface_hub import constants
+
+    local = ", ".join(local_dataset_ids()) or "none"
+    offline_msg = (
+        f"dataset '{dataset_id}' is not stored locally (in {datasets_root()}) and {{why}}. "
+        f"Local datasets: {local}. The project's own datasets (offlax/<hopper|halfcheetah|walker2d>/"
+        f"<{'|'.join(OFFLAX_QUALITIES)}>-v0) build on first use or with: {BUILD_COMMAND}"
+    )
+    if constants.HF_HUB_OFFLINE:
+        raise DataError(offline_msg.format(why="HF_HUB_OFFLINE is set, so it cannot be downloaded"))
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:  # one quick connection instead of Minari's ~23 s of retries
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError as e:
+        raise DataError(offline_msg.format(why=f"the dataset server {host} is unreachable ({e})")) from e
+    import minari
+
+    try:
+        minari.download_dataset(dataset_id)
+    except Exception as e:
+        raise DataError(f"could not download dataset '{dataset_id}': {e}. Check the id "
+                        f"(minari list remote) and the network.") from e
+
+
+def flatten_episodes(mds) -> dict[str, np.ndarray]:
+    """Concatenates a MinariDataset's episodes into flat float32 transition arrays."""
+    obs_space = mds.spec.observation_space
+    cols = {k: [] for k in FIELDS}
+    for ep in mds.iterate_episodes():
+        obs = ep.observations
+        if isinstance(obs, dict):  # same key order as gymnasium.spaces.flatten
+            obs = np.concatenate([np.asarray(obs[k]).reshape(len(ep.rewards) + 1, -1)
+                                  for k in obs_space.spaces], axis=1)
+        term, trunc = np.asarray(ep.terminations, bool), np.asarray(ep.truncations, bool)
+        ends = term | trunc
+        ends[-1] = True  # the episode's last stored step ends it, whatever the flags say
+        cols["observations"].append(obs[:-1])
+        cols["next_observations"].append(obs[1:])
+        cols["actions"].append(np.asarray(ep.actions).reshape(len(ep.rewards), -1))
+        cols["rewards"].append(ep.rewards)
+        cols["terminals"].append(term)
+        cols["episode_ends"].append(ends)
+    if not cols["rewards"]:
+        raise DataError(f"dataset {mds.spec.dataset_id} has no episodes")
+    return {k: np.concatenate(v).astype(np.float32) for k, v in cols.items()}
+
+
+def _cached_flat_arrays(mds, data_dir: Path) -> dict[str, np.ndarray]:
+    """Flat arrays from the cache beside the dataset, rebuilt when the dataset files change."""
+    sources = sorted(p for p in data_dir.iterdir() if p.name != CACHE_NAME and not p.name.endswith(".tmp"))
+    fingerprint = json.dumps([[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sources])
+    cache = data_dir / CACHE_NAME
+    if cache.exists():
+        try:
+            with np.load(cache) as f:
+                if str(f["fingerprint"]) == fingerprint:
+                    return {k: f[k] for k in FIELDS}
+        except Exception:  # a damaged cache is rebuilt below, never trusted
+            pass
+    arrays = flatten_episodes(mds)
+    _atomic_savez(cache, fingerprint=np.array(fingerprint), **arrays)
+    return arrays
+
+
+def validate_transitions(arrays, obs_shape, action_low, action_high, name="dataset", tol=1e-5):
+    """Raises DataError naming the field and the first bad index of any inconsistency."""
+    n = len(arrays["observations"])
+    for k in FIELDS:
+        if len(arrays[k]) != n:
+            raise DataError(f"{name}: field '{k}' has {len(arrays[k])} rows but 'observations' has {n}")
+    for k in FIELDS:
+        finite = np.isfinite(arrays[k]).reshape(n, -1).all(axis=1)
+        if not finite.all():
+            i = int(np.argmin(finite))
+            raise DataError(f"{name}: field '{k}' holds a non-finite value (NaN or inf) at index {i}: "
+                            f"{arrays[k][i]}. Rebuild the dataset or drop that episode.")
+    for k in ("observations", "next_observations"):
+        if tuple(arrays[k].shape[1:]) != tuple(obs_shape):
+            raise DataError(f"{name}: field '{k}' has shape {arrays[k].shape[1:]} per step but the "
+                            f"environment's observations have shape {tuple(obs_shape)}")
+    a = arrays["actions"]
+    outside = ((a < np.asarray(action_low) - tol) | (a > np.asarray(action_high) + tol)).reshape(n, -1).any(axis=1)
+    if outside.any():
+        i = int(np.argmax(outside))
+        raise DataError(f"{name}: field 'actions' at index {i} is {a[i]}, outside the action space "
+                        f"[{action_low}, {action_high}]. Clip the actions when recording the data.")
+
+
+def _atomic_savez(path: Path, **arrays) -> None:
+    """np.savez to a temporary file, then rename: readers never see a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+# ---- The offlax suite: datasets built from behaviour policies committed under benchmarks/ ----
+
+def load_policy_manifest() -> dict:
+    path = POLICY_DIR / "manifest.json"
+    return json.loads(path.read_text()) if path.exists() else {"policies": {}, "datasets": {}}
+
+
+def policy_actions(policy: dict, obs: np.ndarray, rng: np.random.Generator, low, high) -> np.ndarray:
+    """Stochastic actions of a stored behaviour policy, in the environment's action box.
+
+    Kinds: "uniform" (uniform over the box) and "tanh_gaussian" (SAC's actor: ReLU MLP whose last
+    layer gives mean and log-std; a = tanh(mean + std * noise), rescaled to the box).
+    """
+    if policy["kind"] == "uniform":
+        return rng.uniform(low, high, size=(len(obs), len(low))).astype(np.float32)
+    h = obs.astype(np.float32)
+    for i in range(int(policy["num_hidden"])):
+        h = np.maximum(h @ policy[f"hidden_{i}_w"] + policy[f"hidden_{i}_b"], 0.0)
+    mean = h @ policy["mean_w"] + policy["mean_b"]
+    log_std = np.clip(h @ policy["log_std_w"] + policy["log_std_b"], policy["log_std_min"], policy["log_std_max"])
+    u = np.tanh(mean + np.exp(log_std) * rng.standard_normal(mean.shape, dtype=np.float32))
+    return np.clip(low + (u + 1.0) * 0.5 * (high - low), low, high).astype(np.float32)
+
+
+def collect_episodes(env_id: str, policy: dict, num_steps: int, seed: int, num_envs: int = 10,
+                     progress: Callable[[int], None] | None = None) -> list:
+    """Runs `policy` until `num_steps` steps of complete episodes exist; returns them in order.
+
+    Deterministic: environment resets and action noise come from `seed`. Episodes are kept in the
+    order they finish; the episode that crosses `num_steps` is cut there and dropped (as D4RL's
+    trailing partial episode), so the result holds at most `num_steps` steps.
+    """
+    from minari.data_collector import EpisodeBuffer
+
+    envs = gym.vector.SyncVectorEnv([lambda: gym.make(env_id)] * num_envs,
+                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    low, high = envs.single_action_space.low, envs.single_action_space.high
+    rng = np.random.default_rng(seed)
+    obs, _ = envs.reset(seed=seed)
+    live = [dict(obs=[obs[i]], act=[], rew=[], term=[], trunc=[]) for i in range(num_envs)]
+    episodes, total = [], 0
+    while total < num_steps:
+        act = policy_actions(policy, obs, rng, low, high)
+        nxt, rew, term, trunc, info = envs.step(act)
+        for i in range(num_envs):
+            ep = live[i]
+            ep["act"].append(act[i]); ep["rew"].append(float(rew[i]))
+            ep["term"].append(bool(term[i])); ep["trunc"].append(bool(trunc[i]))
+            done = term[i] or trunc[i]
+            ep["obs"].append(info["final_obs"][i] if done else nxt[i])
+            if done:
+                steps = len(ep["rew"])
+                if total + steps <= num_steps:
+                    episodes.append(EpisodeBuffer(
+                        id=len(episodes), observations=np.asarray(ep["obs"]), actions=np.asarray(ep["act"]),
+                        rewards=ep["rew"], terminations=ep["term"], truncations=ep["trunc"]))
+                    if progress:
+                        progress(steps)
+                total += steps
+                live[i] = dict(obs=[nxt[i]], act=[], rew=[], term=[], trunc=[])
+        obs = nxt
+    envs.close()
+    return episodes
+
+
+def build_offlax_dataset(dataset_id: str, scale: float = 1.0, progress: bool = True):
+    """Builds `offlax/<env>/<quality>-v0` from its recipe in benchmarks/policies/manifest.json.
+
+    A recipe is a list of segments [policy name, steps]; each segment is collected with a seed
+    derived from the policy name and the segment's position among that policy's segments, so that
+    medium-expert equals medium followed by expert. `scale` shrinks every segment (tests).
+    """
+    import minari
+
+    parts = dataset_id.split("/")
+    if len(parts) != 3 or parts[0] != "offlax" or parts[1] not in OFFLAX_ENVS or not parts[2].endswith("-v0") \
+            or parts[2][:-3] not in OFFLAX_QUALITIES:
+        raise DataError(f"'{dataset_id}' is not an offlax dataset id; expected offlax/<"
+                        f"{'|'.join(OFFLAX_ENVS)}>/<{'|'.join(OFFLAX_QUALITIES)}>-v0")
+    env_name, quality = parts[1], parts[2][:-3]
+    env_id, ref_min, ref_max = OFFLAX_ENVS[env_name]
+    manifest = load_policy_manifest()
+    recipe = manifest["datasets"].get(f"{env_name}/{quality}")
+    if recipe is None:
+        raise DataError(f"no behaviour policies are committed yet for {dataset_id} (see "
+                        f"{POLICY_DIR / 'manifest.json'}; they are trained with algorithms/sac.py)")
+    total = sum(int(round(steps * scale)) for _, steps in recipe)
+    done, t0, last = 0, time.time(), 0.0
+
+    def report(n):
+        nonlocal done, last
+        done += n
+        if progress and time.time() - last > 5:
+            last = time.time()
+            print(f"\rbuilding {dataset_id}: {done:,}/{total:,} steps ({time.time() - t0:.0f}s)",
+                  end="", file=sys.stderr, flush=True)
+
+    episodes, seen = [], {}
+    for name, steps in recipe:
+        info = manifest["policies"][name]
+        policy = {"kind": "uniform"} if info["kind"] == "uniform" else dict(np.load(POLICY_DIR / info["file"]))
+        policy["kind"] = info["kind"]
+        seed = zlib.crc32(name.encode()) + 7919 * seen.get(name, 0)
+        seen[name] = seen.get(name, 0) + 1
+        episodes += collect_episodes(env_id, policy, int(round(steps * scale)), seed, progress=report)
+    if progress:
+        print(f"\rbuilt {dataset_id}: {sum(len(e.rewards) for e in episodes):,} steps in "
+              f"{len(episodes):,} episodes ({time.time() - t0:.0f}s)", file=sys.stderr)
+    episodes = [dataclasses.replace(ep, id=i) for i, ep in enumerate(episodes)]
+    env = gym.make(env_id)
+    minari.create_dataset_from_buffers(
+        dataset_id, episodes, env=env.spec, eval_env=env.spec, algorithm_name=f"offlax recipe: {quality}",
+        code_permalink="benchmarks/make_datasets.py", author="offlax", author_email="offlax@localhost",
+        description=f"{quality} data for {env_id}, D4RL's recipe; segments (policy, steps): {recipe}; "
+                    f"scale {scale}", ref_min_score=ref_min, ref_max_score=ref_max, data_format="hdf5")
+    return time.time() - t0
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Preprocessing
+# --------------------------------------------------------------------------------------------
+
+def obs_stats(dataset: Dataset, eps: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std of the dataset's observations (std + eps, as TD3+BC)."""
+    return dataset.observations.mean(0), dataset.observations.std(0) + eps
+
+
+def iql_reward_scale(dataset: Dataset) -> float:
+    """IQL's locomotion scaling factor: 1000 / (max - min episode return)."""
+    returns = dataset.episode_returns()
+    return 1000.0 / (returns.max() - returns.min())
+
+
+def mc_returns(rewards, episode_ends, gamma: float, sparse_failure_reward: float | None = None) -> np.ndarray:
+    """Discounted return-to-go per episode: G_t = r_t + gamma * (1 - end_t) * G_{t+1}.
+
+    No bootstrap past any episode end, terminal or time limit (Cal-QL's convention: the value
+    after a cut is 0). Sparse case (Cal-QL, AntMaze/Adroit): an episode whose every reward equals
+    `sparse_failure_reward` r_neg gets G = r_neg / (1 - gamma) at every step.
+    """
+    rewards = np.asarray(rewards, np.float64)
+    ends = np.asarray(episode_ends, bool)
+    out = np.empty_like(rewards)
+    g = 0.0
+    for t in range(len(rewards) - 1, -1, -1):
+        g = rewards[t] + (0.0 if ends[t] else gamma * g)
+        out[t] = g
+    if sparse_failure_reward is not None:
+        starts = np.r_[0, np.flatnonzero(ends[:-1]) + 1]
+        stops = np.r_[starts[1:], len(rewards)]
+        for a, b in zip(starts, stops):
+            if np.all(rewards[a:b] == sparse_failure_reward):
+                out[a:b] = sparse_failure_reward / (1.0 - gamma)
+    return out.astype(np.float32)
+
+
+def device_arrays(dataset: Dataset, obs_mean=None, obs_std=None, reward_scale=1.0, reward_bias=0.0,
+                  extra: dict | None = None) -> dict[str, jax.Array]:
+    """The dataset as device arrays, ready to sample inside jit.
+
+    Observations are normalised if statistics are given, rewards become scale * r + bias, actions
+    are mapped to [-1, 1] (every policy here acts in that box), `terminals` is the TD done mask.
+    """
+    d = dataset.arrays()
+    mean = 0.0 if obs_mean is None else obs_mean
+    std = 1.0 if obs_std is None else obs_std
+    out = {
+        "observations": (d["observations"] - mean) / std,
+        "next_observations": (d["next_observations"] - mean) / std,
+        "actions": to_unit_box(d["actions"], dataset.action_low, dataset.action_high),
+        "rewards": d["rewards"] * reward_scale + reward_bias,
+        "terminals": d["terminals"],
+    }
+    out.update(extra or {})
+    return {k: jnp.asarray(v, jnp.float32) for k, v in out.items()}
+
+
+def to_unit_box(a, low, high):
+    return np.clip(2.0 * (a - low) / (high - low) - 1.0, -1.0, 1.0)
+
+
+def from_unit_box(a, low, high):
+    return low + (np.asarray(a) + 1.0) * 0.5 * (high - low)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Buffers (pure functions and pytrees: they run inside jit and lax.scan)
+# --------------------------------------------------------------------------------------------
+
+def sample_batch(key, data: dict, batch_size: int) -> dict:
+    """A batch drawn uniformly with replacement from on-device arrays."""
+    n = jax.tree.leaves(data)[0].shape[0]
+    idx = jax.random.randint(key, (batch_size,), 0, n)
+    return jax.tree.map(lambda x: x[idx], data)
+
+
+@flax.struct.dataclass
+class ReplayBuffer:
+    """A fixed-capacity ring buffer of transitions on the device; `size` and `pos` are arrays."""
+
+    data: dict
+    size: jax.Array
+    pos: jax.Array
+
+    @classmethod
+    def create(cls, example: dict, capacity: int, initial: dict | None = None) -> "ReplayBuffer":
+        """An empty buffer shaped like one `example` transition, optionally seeded with `initial`."""
+        data = {k: jnp.zeros((capacity,) + jnp.shape(v), jnp.float32) for k, v in example.items()}
+        buf = cls(data=data, size=jnp.zeros((), jnp.int32), pos=jnp.zeros((), jnp.int32))
+        if initial is not None:
+            n = len(jax.tree.leaves(initial)[0])
+            if n > capacity:
+                raise ValueError(f"buffer capacity {capacity} is smaller than the {n} initial transitions")
+            buf = cls(data={k: data[k].at[:n].set(initial[k]) for k in data},
+                      size=jnp.asarray(n, jnp.int32), pos=jnp.asarray(n % capacity, jnp.int32))
+        return buf
+
+    @property
+    def capacity(self) -> int:
+        return jax.tree.leaves(self.data)[0].shape[0]
+
+    def add(self, transitions: dict) -> "ReplayBuffer":
+        """Adds a batch of transitions (leading axis), overwriting the oldest when full."""
+        k = jax.tree.leaves(transitions)[0].shape[0]
+        idx = (self.pos + jnp.arange(k)) % self.capacity
+        data = {name: self.data[name].at[idx].set(transitions[name]) for name in self.data}
+        return ReplayBuffer(data=data, size=jnp.minimum(self.size + k, self.capacity),
+                            pos=(self.pos + k) % self.capacity)
+
+    def sample(self, key, batch_size: int) -> dict:
+        idx = jax.random.randint(key, (batch_size,), 0, jnp.maximum(self.size, 1))
+        return jax.tree.map(lambda x: x[idx], self.data)
+
+
+def sample_mixed(key, offline: dict, buffer: ReplayBuffer, batch_size: int, offline_fraction: float) -> dict:
+    """A batch with exactly round(batch_size * offline_fraction) offline rows, the rest online."""
+    n_off = int(round(batch_size * offline_fraction))
+    k_off, k_on = jax.random.split(key)
+    parts = []
+    if n_off > 0:
+        parts.append(sample_batch(k_off, {k: offline[k] for k in buffer.data}, n_off))
+    if n_off < batch_size:
+        parts.append(buffer.sample(k_on, batch_size - n_off))
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Evaluation
+# --------------------------------------------------------------------------------------------
+
+def vector_env(make_env: Callable[[], gym.Env], n: int) -> gym.vector.SyncVectorEnv:
+    """n environments stepped in one process (faster than async on 2 cores), SAME_STEP resets."""
+    return gym.vector.SyncVectorEnv([make_env] * n, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+
+
+def episode_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] % (2 ** 31))
+
+
+class Evaluator:
+    """Runs `episodes` deterministic episodes for every seed at once, in one vectorised env.
+
+    `policy(params, obs) -> action in [-1, 1]` acts for one seed; it is vmapped over the seed axis
+    of `params`. Episode resets depend on (seed, evaluation step, episode), never on the seed's
+    position in the batch, so a vmapped run evaluates exactly like single-seed runs.
+    """
+
+    def __init__(self, make_env: Callable[[], gym.Env], seeds: list[int], episodes: int, policy: Callable):
+        self.seeds, self.episodes = list(seeds), episodes
+        self.envs = vector_env(make_env, len(self.seeds) * episodes)
+        space = self.envs.single_action_space
+        self.low, self.high = space.low, space.high
+        self.act = jax.jit(jax.vmap(policy))
+
+    def __call__(self, params, step: int) -> np.ndarray:
+        """Raw undiscounted returns, shape (num_seeds, episodes)."""
+        S, E = len(self.seeds), self.episodes
+        reset_seeds = [episode_seed(s, step, j) for s in self.seeds for j in range(E)]
+        obs, _ = self.envs.reset(seed=reset_seeds)
+        returns, done = np.zeros(S * E), np.zeros(S * E, bool)
+        while not done.all():
+            a = np.asarray(self.act(params, jnp.asarray(obs, jnp.float32).reshape(S, E, -1)))
+            obs, r, term, trunc, _ = self.envs.step(from_unit_box(a.reshape(S * E, -1), self.low, self.high))
+            returns += np.where(done, 0.0, r)
+            done |= term | trunc
+        return returns.reshape(S, E)
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Runs: folder, log, progress, checkpoints, resume, divergence guard
+# --------------------------------------------------------------------------------------------
+
+class DivergenceError(RuntimeError):
+    """A loss or Q-value became NaN or inf. The message names the step and the quantity."""
+
+
+def resume_args(args):
+    """With --resume DIR, the run's saved config (the same dataclass type) replaces the CLI args."""
+    if not getattr(args, "resume", None):
+        return args
+    path = Path(args.resume) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"--resume {args.resume}: no config.json there; pass a run folder "
+                                f"made by this script (runs/<algo>__<dataset>__<time>/)")
+    saved = json.loads(path.read_text())["args"]
+    fields = {f.name for f in dataclasses.fields(args)}
+    return dataclasses.replace(args, **{k: v for k, v in saved.items() if k in fields and k != "resume"})
+
+
+def seed_keys(seed: int, num_seeds: int) -> jax.Array:
+    """One PRNG key per seed: seed i of a vmapped run is the single run with seed `seed + i`."""
+    return jnp.stack([jax.random.PRNGKey(seed + i) for i in range(num_seeds)])
+
+
+class Run:
+    """One training run: `runs/<algo>__<dataset>__<time>/` with config.json, metrics.jsonl,
+    checkpoint.npz and summary.json; a progress bar; optional wandb."""
+
+    def __init__(self, algo: str, args, total_steps: int, dataset: Dataset | None = None):
+        self.args, self.total = args, total_steps
+        self.dataset = dataset
+        self.seeds = [args.seed + i for i in range(args.num_seeds)]
+        if getattr(args, "resume", None):
+            self.dir = Path(args.resume)
+        else:
+            name = f"{algo}__{(getattr(args, 'dataset', None) or getattr(args, 'env_id', 'env')).replace('/', '-')}"
+            self.dir = Path(args.runs_dir) / f"{name}__{time.strftime('%Y%m%d-%H%M%S')}__s{args.seed}"
+            self.dir.mkdir(parents=True, exist_ok=False)
+            (self.dir / "config.json").write_text(json.dumps(
+                {"algo": algo, "args": dataclasses.asdict(args), "command": " ".join(sys.argv)}, indent=2))
+        self.ckpt = self.dir / "checkpoint.npz"
+        self.history: list[dict] = []
+        self.bar = None
+        self.wandb = None
+        if getattr(args, "wandb", False):
+            try:
+                import wandb
+            except ImportError as e:
+                raise SystemExit("--wandb needs the wandb package: pip install wandb") from e
+            self.wandb = wandb.init(project="offlax", name=self.dir.name, config=dataclasses.asdict(args))
+
+    # -- checkpoints --
+    def restore(self, state):
+        """(state, step): the checkpoint if resuming (truncating the log to it), else (state, 0)."""
+        metrics = self.dir / "metrics.jsonl"
+        if not getattr(self.args, "resume", None) or not self.ckpt.exists():
+            if metrics.exists():
+                metrics.unlink()
+            return state, 0
+        state, step = load_checkpoint(self.ckpt, state)
+        if metrics.exists():
+            rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+            self.history = [r for r in rows if r["step"] <= step]
+            metrics.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        return state, step
+
+    def save(self, state, step: int) -> None:
+        save_checkpoint(self.ckpt, state, step)
+
+    # -- logging --
+    def log(self, step: int, metrics: dict, returns: np.ndarray | None = None, **extra) -> dict:
+        """Checks every quantity is finite, then appends one row to metrics.jsonl.
+
+        `metrics` maps a name to per-update values of shape (num_seeds, K) (the K updates of the last
+        chunk, ending at `step`) or to per-seed values (num_seeds,). Rows keep per-seed values.
+        """
+        row: dict[str, Any] = {"step": int(step)}
+        for name, v in metrics.items():
+            v = np.asarray(v, np.float64)
+            if not np.isfinite(v).all():
+                seed_i, *rest = np.argwhere(~np.isfinite(v))[0]
+                k = v.shape[1] if v.ndim > 1 else 1
+                bad_step = step - k + 1 + (rest[0] if rest else k - 1)
+                raise DivergenceError(
+                    f"{name} became {v[(seed_i, *rest)]} at update {bad_step} (seed {self.seeds[seed_i]}). "
+                    f"The last good checkpoint is kept: {self.ckpt}. Lower the learning rate, add "
+                    f"--critic-layernorm where the script has it, or check the data's reward scale.")
+            row[name] = v.mean(axis=-1).tolist() if v.ndim > 1 else v.tolist()
+        if returns is not None:
+            row["returns"] = np.asarray(returns).tolist()
+            per_seed = np.asarray(returns).mean(axis=1)
+            row["return_mean"] = float(per_seed.mean())
+            if self.dataset is not None and self.dataset.ref_max_score is not None:
+                scores = self.dataset.normalized_score(per_seed)
+                row["score"] = scores.tolist()
+                row["score_mean"], row["score_std"] = float(scores.mean()), float(scores.std())
+        row.update(extra)
+        with open(self.dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.history.append(row)
+        if self.wandb is not None:
+            self.wandb.log({k: np.mean(v) for k, v in row.items() if isinstance(v, (int, float, list))}, step=step)
+        self._progress(step, row)
+        return row
+
+    def _progress(self, step: int, row: dict) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=self.total, initial=step, unit="upd", dynamic_ncols=True,
+                            mininterval=0 if sys.stderr.isatty() else 30)
+        self.bar.update(step - self.bar.n)
+        show = {k: row[k] for k in ("score_mean", "return_mean", "updates_per_s") if k in row}
+        self.bar.set_postfix({k: f"{v:.1f}" for k, v in show.items()}, refresh=True)
+
+    def finish(self) -> dict:
+        """Writes summary.json: last score (mean of the final evaluations) and best score."""
+        if self.bar is not None:
+            self.bar.close()
+        evals = [r for r in self.history if "returns" in r]
+        key = "score" if evals and "score" in evals[-1] else "returns"
+        summary: dict[str, Any] = {"run": str(self.dir), "measure": "normalized score" if key == "score" else "raw return"}
+        if evals:
+            per_eval = np.array([np.asarray(r[key]).reshape(len(self.seeds), -1).mean(1) for r in evals])  # (T, S)
+            last = per_eval[-min(len(per_eval), getattr(self.args, "last_evals", 1)):].mean(0)
+            summary.update(seeds=self.seeds, last_per_seed=last.tolist(), last_mean=float(last.mean()),
+                           last_std=float(last.std()), best_per_seed=per_eval.max(0).tolist(),
+                           best_mean=float(per_eval.max(0).mean()),
+                           final_returns=evals[-1]["returns"])
+        (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self.wandb is not None:
+            self.wandb.finish()
+        return summary
+
+
+def save_checkpoint(path: Path, state, step: int) -> None:
+    """Saves every leaf of a pytree (params, optimiser states, keys, buffers) atomically."""
+    leaves, treedef = jax.tree.flatten(state)
+    arrays = {f"leaf_{i:05d}": np.asarray(jax.random.key_data(x) if _is_typed_key(x) else x)
+              for i, x in enumerate(leaves)}
+    _atomic_savez(Path(path), step=np.asarray(step), treedef=np.asarray(str(treedef)), **arrays)
+
+
+def load_checkpoint(path: Path, template):
+    """Restores a pytree saved by `save_checkpoint` into the structure of `template`."""
+    leaves, treedef = jax.tree.flatten(template)
+    with np.load(path) as f:
+        if str(f["treedef"]) != str(treedef):
+            raise ValueError(f"checkpoint {path} was saved from a different model or config; "
+                             f"resume with the same arguments it was made with")
+        restored = []
+        for i, x in enumerate(leaves):
+            v = f[f"leaf_{i:05d}"]
+            restored.append(jax.random.wrap_key_data(v) if _is_typed_key(x) else jnp.asarray(v, x.dtype))
+        return jax.tree.unflatten(treedef, restored), int(f["step"])
+
+
+def _is_typed_key(x) -> bool:
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def compile_timed(fn, *example_args):
+    """Compiles `fn` ahead of time on example arguments; returns (compiled, seconds)."""
+    t0 = time.perf_counter()
+    compiled = fn.lower(*example_args).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def tree_index(tree, i):
+    """Seed i's slice of a seed-stacked pytree."""
+    return jax.tree.map(lambda x: x[i], tree)
+
+
+def cli(main: Callable, args_type: type) -> None:
+    """Parses `args_type` with tyro and runs `main`; data and divergence errors end the process
+    with their message (exit status 1) instead of a traceback."""
+    import tyro
+
+    try:
+        main(tyro.cli(args_type))
+    except (DataError, DivergenceError) as e:
+        sys.exit(f"error: {e}")
