@@ -138,19 +138,25 @@ def load_dataset(dataset_id: str) -> Dataset:
             f"dataset {dataset_id} at {data_dir} could not be read ({type(e).__name__}: {e}). "
             f"Delete that folder and build or download it again."
         ) from e
-    obs_space, act_space = mds.spec.observation_space, mds.spec.action_space
-    obs_shape = (gym.spaces.flatdim(obs_space),) if isinstance(obs_space, gym.spaces.Dict) else obs_space.shape
-    validate_transitions(arrays, obs_shape, act_space.low, act_space.high, dataset_id)
     meta = mds.storage.metadata
-    return Dataset(
+    dataset = Dataset(
         id=dataset_id,
         **arrays,
         env_spec=getattr(mds, "_eval_env_spec", None) or mds.spec.env_spec,
-        action_low=np.asarray(act_space.low, np.float32),
-        action_high=np.asarray(act_space.high, np.float32),
+        action_low=np.asarray(mds.spec.action_space.low, np.float32),
+        action_high=np.asarray(mds.spec.action_space.high, np.float32),
         ref_min_score=meta.get("ref_min_score"),
         ref_max_score=meta.get("ref_max_score"),
     )
+    # Check against the environment itself where there is one: a dataset's declared spaces can lie.
+    obs_space, act_space = mds.spec.observation_space, mds.spec.action_space
+    if dataset.env_spec is not None:
+        env = dataset.make_env()
+        obs_space, act_space = env.observation_space, env.action_space
+        env.close()
+    obs_shape = obs_space.shape if obs_space.shape is not None else (gym.spaces.flatdim(obs_space),)
+    validate_transitions(arrays, obs_shape, act_space.low, act_space.high, dataset_id)
+    return dataset
 
 
 def _download(dataset_id: str) -> None:
@@ -163,11 +169,12 @@ def _download(dataset_id: str) -> None:
         f"Local datasets: {local}. The project's own datasets (offlax/<hopper|halfcheetah|walker2d>/"
         f"<{'|'.join(OFFLAX_QUALITIES)}>-v0) build on first use or with: {BUILD_COMMAND}"
     )
-    if constants.HF_HUB_OFFLINE:
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         raise DataError(offline_msg.format(why="HF_HUB_OFFLINE is set, so it cannot be downloaded"))
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    url = urlparse(constants.ENDPOINT)
+    host = url.hostname or "huggingface.co"
     try:  # one quick connection instead of Minari's ~23 s of retries
-        socket.create_connection((host, 443), timeout=3).close()
+        socket.create_connection((host, url.port or 443), timeout=3).close()
     except OSError as e:
         raise DataError(offline_msg.format(why=f"the dataset server {host} is unreachable ({e})")) from e
     import minari
@@ -580,7 +587,8 @@ class Run:
             self.dir = Path(args.runs_dir) / f"{name}__{time.strftime('%Y%m%d-%H%M%S')}__s{args.seed}"
             self.dir.mkdir(parents=True, exist_ok=False)
             (self.dir / "config.json").write_text(json.dumps(
-                {"algo": algo, "args": dataclasses.asdict(args), "command": " ".join(sys.argv)}, indent=2))
+                {"algo": algo, "args": dataclasses.asdict(args), "command": " ".join(sys.argv),
+                 "commit": git_commit(), "machine": machine()}, indent=2))
         self.ckpt = self.dir / "checkpoint.npz"
         self.history: list[dict] = []
         self.bar = None
@@ -611,13 +619,11 @@ class Run:
         save_checkpoint(self.ckpt, state, step)
 
     # -- logging --
-    def log(self, step: int, metrics: dict, returns: np.ndarray | None = None, **extra) -> dict:
-        """Checks every quantity is finite, then appends one row to metrics.jsonl.
+    def check(self, step: int, metrics: dict) -> None:
+        """Raises DivergenceError naming the quantity, seed and update of the first NaN or inf.
 
-        `metrics` maps a name to per-update values of shape (num_seeds, K) (the K updates of the last
-        chunk, ending at `step`) or to per-seed values (num_seeds,). Rows keep per-seed values.
-        """
-        row: dict[str, Any] = {"step": int(step)}
+        `metrics` maps a name to per-update values (num_seeds, K) of the chunk ending at `step`,
+        or to per-seed values (num_seeds,)."""
         for name, v in metrics.items():
             v = np.asarray(v, np.float64)
             if not np.isfinite(v).all():
@@ -628,6 +634,13 @@ class Run:
                     f"{name} became {v[(seed_i, *rest)]} at update {bad_step} (seed {self.seeds[seed_i]}). "
                     f"The last good checkpoint is kept: {self.ckpt}. Lower the learning rate, add "
                     f"--critic-layernorm where the script has it, or check the data's reward scale.")
+
+    def log(self, step: int, metrics: dict, returns: np.ndarray | None = None, **extra) -> dict:
+        """Checks every quantity is finite, then appends one row (per-seed values) to metrics.jsonl."""
+        self.check(step, metrics)
+        row: dict[str, Any] = {"step": int(step)}
+        for name, v in metrics.items():
+            v = np.asarray(v, np.float64)
             row[name] = v.mean(axis=-1).tolist() if v.ndim > 1 else v.tolist()
         if returns is not None:
             row["returns"] = np.asarray(returns).tolist()
@@ -674,6 +687,28 @@ class Run:
         if self.wandb is not None:
             self.wandb.finish()
         return summary
+
+
+def git_commit() -> str:
+    """The repository's HEAD commit, with '+dirty' when tracked files have uncommitted changes."""
+    import subprocess
+
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def machine() -> str:
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.devices()[0].platform}"
 
 
 def save_checkpoint(path: Path, state, step: int) -> None:

@@ -167,6 +167,7 @@ def main(args: Args) -> dict:
         state, metrics = chunk(state, data)
         jax.block_until_ready(state)
         train_s = time.perf_counter() - t0
+        run.check(step, metrics)  # stop on NaN/inf before acting with a broken policy
         returns = evaluate(state.params, step)
         run.log(step, metrics, returns, updates_per_s=args.eval_every / train_s, compile_s=compile_s)
         run.save(state, step)

@@ -1,0 +1,75 @@
+"""Shared fixtures: a private Minari root, small datasets made here, the offline network setting."""
+
+import os
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
+
+# The hand-written controller that balances InvertedPendulum-v5: a = K·s (cart pos, angle, vels).
+PENDULUM_GAINS = np.array([1.0, 10.0, 1.0, 1.0])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def minari_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("minari")
+    os.environ["MINARI_DATASETS_PATH"] = str(root)
+    return root
+
+
+def pendulum_episodes(num_episodes: int, noise: float, seed: int, controller: bool = True):
+    """Episodes of InvertedPendulum-v5 under the stabilising controller plus Gaussian noise
+    (or uniform random actions), as Minari episode buffers."""
+    from minari.data_collector import EpisodeBuffer
+
+    env = gym.make("InvertedPendulum-v5")
+    rng = np.random.default_rng(seed)
+    episodes = []
+    for ep in range(num_episodes):
+        obs, _ = env.reset(seed=seed + ep)
+        o, a, r, te, tr = [obs], [], [], [], []
+        while True:
+            if controller:
+                act = np.clip(PENDULUM_GAINS @ obs + noise * rng.standard_normal(), -3, 3)
+            else:
+                act = rng.uniform(-3, 3)
+            act = np.array([act], np.float32)
+            obs, rew, term, trunc, _ = env.step(act)
+            o.append(obs); a.append(act); r.append(rew); te.append(term); tr.append(trunc)
+            if term or trunc:
+                break
+        episodes.append(EpisodeBuffer(id=ep, observations=np.asarray(o), actions=np.asarray(a),
+                                      rewards=r, terminations=te, truncations=tr))
+    return episodes
+
+
+def make_minari_dataset(dataset_id, episodes, env_id="InvertedPendulum-v5", **kwargs):
+    import minari
+
+    env = gym.make(env_id)
+    return minari.create_dataset_from_buffers(
+        dataset_id, episodes, env=env.spec, algorithm_name="test", author="offlax",
+        author_email="offlax@localhost", code_permalink="tests", data_format="hdf5",
+        description="offlax test data", eval_env=env.spec, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def pendulum_dataset(minari_root):
+    """test/invertedpendulum/controller-v0: 10 episodes of the noisy stabilising controller."""
+    dataset_id = "test/invertedpendulum/controller-v0"
+    make_minari_dataset(dataset_id, pendulum_episodes(10, noise=0.3, seed=0))
+    return dataset_id
+
+
+@pytest.fixture(scope="session")
+def hopper_tiny(minari_root):
+    """offlax/hopper/random-v0 built at 1/500 of its size (2,000 steps) in the private root."""
+    import common
+
+    common.build_offlax_dataset("offlax/hopper/random-v0", scale=0.002, progress=False)
+    return "offlax/hopper/random-v0"

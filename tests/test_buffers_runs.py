@@ -1,0 +1,97 @@
+"""Buffers, checkpoints and the run machinery of common.py."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import common
+
+
+@dataclasses.dataclass
+class Args:  # the fields common.Run reads from a script's Args
+    runs_dir: str
+    seed: int = 0
+    num_seeds: int = 2
+    resume: str | None = None
+    wandb: bool = False
+    dataset: str = "d/x-v0"
+    last_evals: int = 1
+
+
+def _offline(n=1000):
+    return {"observations": jnp.arange(n, dtype=jnp.float32)[:, None], "rewards": jnp.ones(n)}
+
+
+@pytest.mark.parametrize("fraction,expected", [(0.5, 128), (0.25, 64), (0.0, 0), (1.0, 256), (0.3, 77)])
+def test_mixed_sampler_fraction_is_exact(fraction, expected):
+    buf = common.ReplayBuffer.create({"observations": jnp.zeros(1), "rewards": jnp.zeros(())}, capacity=50)
+    buf = buf.add({"observations": -jnp.ones((30, 1)), "rewards": jnp.zeros(30)})  # online rows: reward 0
+    sample = jax.jit(lambda k: common.sample_mixed(k, _offline(), buf, 256, fraction))
+    for i in range(5):
+        batch = sample(jax.random.PRNGKey(i))
+        assert batch["rewards"].shape == (256,)
+        assert int(batch["rewards"].sum()) == expected  # offline rows carry reward 1
+        online_obs = batch["observations"][batch["rewards"] == 0]
+        assert bool(jnp.all(online_obs == -1))  # online rows only from the filled part of the buffer
+
+
+def test_replay_buffer_ring_and_seeding():
+    example = {"x": jnp.zeros(2)}
+    buf = common.ReplayBuffer.create(example, capacity=5, initial={"x": jnp.ones((3, 2))})
+    assert int(buf.size) == 3 and int(buf.pos) == 3
+    buf = jax.jit(lambda b, t: b.add(t))(buf, {"x": jnp.full((4, 2), 7.0)})
+    assert int(buf.size) == 5 and int(buf.pos) == 2
+    np.testing.assert_array_equal(buf.data["x"][:, 0], [7, 7, 1, 7, 7])  # the two oldest overwritten
+    with pytest.raises(ValueError, match="capacity 2 is smaller"):
+        common.ReplayBuffer.create(example, capacity=2, initial={"x": jnp.ones((3, 2))})
+
+
+def test_sample_batch_is_uniform_over_the_data():
+    data = _offline(10)
+    batch = common.sample_batch(jax.random.PRNGKey(0), data, 20000)
+    counts = np.bincount(np.asarray(batch["observations"][:, 0], int), minlength=10)
+    assert counts.min() > 1800 and counts.max() < 2200
+
+
+def test_checkpoint_roundtrip_and_atomic(tmp_path):
+    import optax
+
+    params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.zeros(3)}
+    state = {"params": params, "opt": optax.adam(1e-3).init(params), "key": jax.random.PRNGKey(3),
+             "buffer": common.ReplayBuffer.create({"x": jnp.zeros(2)}, 4)}
+    path = tmp_path / "checkpoint.npz"
+    common.save_checkpoint(path, state, step=1234)
+    assert not (tmp_path / "checkpoint.npz.tmp").exists()
+    template = jax.tree.map(jnp.zeros_like, state)
+    restored, step = common.load_checkpoint(path, template)
+    assert step == 1234
+    jax.tree.map(np.testing.assert_array_equal, restored, state)
+    with pytest.raises(ValueError, match="different model"):
+        common.load_checkpoint(path, {"other": jnp.zeros(1)})
+
+
+def test_divergence_guard_names_step_and_quantity_and_keeps_checkpoint(tmp_path):
+    run = common.Run("test", Args(runs_dir=str(tmp_path)), total_steps=200)
+    run.save({"w": jnp.ones(2)}, 100)
+    q = np.zeros((2, 100))
+    q[1, 37:] = np.nan  # seed 1 goes bad at the 38th update of the chunk (100, 200]
+    with pytest.raises(common.DivergenceError, match=r"q_mean became nan at update 138 \(seed 1\)") as err:
+        run.log(200, {"loss": np.zeros((2, 100)), "q_mean": q})
+    assert str(run.ckpt) in str(err.value)
+    _, step = common.load_checkpoint(run.ckpt, {"w": jnp.zeros(2)})
+    assert step == 100  # the last good checkpoint is untouched
+
+
+def test_run_summary_last_and_best(tmp_path):
+    run = common.Run("test", Args(runs_dir=str(tmp_path), seed=5, last_evals=2), total_steps=300)
+    for step, rets in [(100, [[1, 3], [5, 5]]), (200, [[9, 9], [2, 2]]), (300, [[4, 4], [6, 8]])]:
+        run.log(step, {"loss": np.zeros((2, 1))}, np.array(rets, float))
+    s = run.finish()
+    assert s["measure"] == "raw return"  # no dataset, so no normalised score
+    np.testing.assert_allclose(s["last_per_seed"], [(9 + 4) / 2, (2 + 7) / 2])  # mean of the last 2 evals
+    np.testing.assert_allclose(s["best_per_seed"], [9, 7])
+    assert json.loads((run.dir / "summary.json").read_text())["best_mean"] == 8
