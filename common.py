@@ -90,10 +90,7 @@ class Dataset:
 
     def normalized_score(self, returns) -> np.ndarray:
         """D4RL's score: 100 * (R - random) / (expert - random); NaN without reference scores."""
-        returns = np.asarray(returns, np.float64)
-        if self.ref_min_score is None or self.ref_max_score is None:
-            return np.full_like(returns, np.nan)
-        return 100.0 * (returns - self.ref_min_score) / (self.ref_max_score - self.ref_min_score)
+        return normalized_score(returns, self.ref_min_score, self.ref_max_score)
 
     def make_env(self) -> gym.Env:
         if self.env_spec is None:
@@ -102,6 +99,18 @@ class Dataset:
         if isinstance(env.observation_space, gym.spaces.Dict):
             env = gym.wrappers.FlattenObservation(env)
         return env
+
+
+def normalized_score(returns, ref_min: float | None, ref_max: float | None) -> np.ndarray:
+    returns = np.asarray(returns, np.float64)
+    if ref_min is None or ref_max is None:
+        return np.full_like(returns, np.nan)
+    return 100.0 * (returns - ref_min) / (ref_max - ref_min)
+
+
+def env_reference_scores(env_id: str) -> tuple[float | None, float | None]:
+    """D4RL's (random, expert) returns for the suite's environments, else (None, None)."""
+    return next(((lo, hi) for eid, lo, hi in OFFLAX_ENVS.values() if eid == env_id), (None, None))
 
 
 def datasets_root() -> Path:
@@ -513,6 +522,48 @@ def vector_env(make_env: Callable[[], gym.Env], n: int) -> gym.vector.SyncVector
     return gym.vector.SyncVectorEnv([make_env] * n, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
 
 
+def get_env_states(envs: gym.vector.SyncVectorEnv) -> np.ndarray:
+    """Everything that decides the future of each sub-environment (MuJoCo integration state incl.
+    warm starts, time-limit counter, reset RNG), pickled into a byte array for a checkpoint."""
+    import pickle
+
+    import mujoco
+
+    states = []
+    for env in envs.envs:
+        u = env.unwrapped
+        s = {"rng": u.np_random.bit_generator.state, "elapsed": _time_limit(env)._elapsed_steps}
+        if hasattr(u, "model") and hasattr(u, "data"):
+            spec = mujoco.mjtState.mjSTATE_INTEGRATION
+            s["mujoco"] = np.empty(mujoco.mj_stateSize(u.model, spec))
+            mujoco.mj_getState(u.model, u.data, s["mujoco"], spec)
+        else:  # classic control keeps its state in `state`
+            s["state"] = np.array(u.state, copy=True)
+        states.append(s)
+    return np.frombuffer(pickle.dumps(states), np.uint8)
+
+
+def set_env_states(envs: gym.vector.SyncVectorEnv, blob: np.ndarray) -> None:
+    import pickle
+
+    import mujoco
+
+    for env, s in zip(envs.envs, pickle.loads(np.asarray(blob, np.uint8).tobytes())):
+        u = env.unwrapped
+        u.np_random.bit_generator.state = s["rng"]
+        _time_limit(env)._elapsed_steps = s["elapsed"]
+        if "mujoco" in s:
+            mujoco.mj_setState(u.model, u.data, s["mujoco"], mujoco.mjtState.mjSTATE_INTEGRATION)
+        else:
+            u.state = s["state"]
+
+
+def _time_limit(env):
+    while not isinstance(env, gym.wrappers.TimeLimit):
+        env = env.env
+    return env
+
+
 def episode_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] % (2 ** 31))
 
@@ -576,9 +627,9 @@ class Run:
     """One training run: `runs/<algo>__<dataset>__<time>/` with config.json, metrics.jsonl,
     checkpoint.npz and summary.json; a progress bar; optional wandb."""
 
-    def __init__(self, algo: str, args, total_steps: int, dataset: Dataset | None = None):
+    def __init__(self, algo: str, args, total_steps: int, ref_scores: tuple = (None, None)):
         self.args, self.total = args, total_steps
-        self.dataset = dataset
+        self.ref_scores = ref_scores  # (random, expert) returns; (None, None) logs raw returns only
         self.seeds = [args.seed + i for i in range(args.num_seeds)]
         if getattr(args, "resume", None):
             self.dir = Path(args.resume)
@@ -602,21 +653,23 @@ class Run:
 
     # -- checkpoints --
     def restore(self, state):
-        """(state, step): the checkpoint if resuming (truncating the log to it), else (state, 0)."""
+        """(state, step): the checkpoint if resuming (truncating the log to it), else (state, 0).
+        Host-side extras saved with the checkpoint are left in `self.extra`."""
         metrics = self.dir / "metrics.jsonl"
+        self.extra = {}
         if not getattr(self.args, "resume", None) or not self.ckpt.exists():
             if metrics.exists():
                 metrics.unlink()
             return state, 0
-        state, step = load_checkpoint(self.ckpt, state)
+        state, step, self.extra = load_checkpoint(self.ckpt, state)
         if metrics.exists():
             rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
             self.history = [r for r in rows if r["step"] <= step]
             metrics.write_text("".join(json.dumps(r) + "\n" for r in self.history))
         return state, step
 
-    def save(self, state, step: int) -> None:
-        save_checkpoint(self.ckpt, state, step)
+    def save(self, state, step: int, extra: dict | None = None) -> None:
+        save_checkpoint(self.ckpt, state, step, extra)
 
     # -- logging --
     def check(self, step: int, metrics: dict) -> None:
@@ -646,8 +699,8 @@ class Run:
             row["returns"] = np.asarray(returns).tolist()
             per_seed = np.asarray(returns).mean(axis=1)
             row["return_mean"] = float(per_seed.mean())
-            if self.dataset is not None and self.dataset.ref_max_score is not None:
-                scores = self.dataset.normalized_score(per_seed)
+            if self.ref_scores[1] is not None:
+                scores = normalized_score(per_seed, *self.ref_scores)
                 row["score"] = scores.tolist()
                 row["score_mean"], row["score_std"] = float(scores.mean()), float(scores.std())
         row.update(extra)
@@ -711,16 +764,19 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.devices()[0].platform}"
 
 
-def save_checkpoint(path: Path, state, step: int) -> None:
-    """Saves every leaf of a pytree (params, optimiser states, keys, buffers) atomically."""
+def save_checkpoint(path: Path, state, step: int, extra: dict | None = None) -> None:
+    """Saves every leaf of a pytree (params, optimiser states, keys, buffers) atomically, plus
+    host-side `extra` arrays (environment states, current observations)."""
     leaves, treedef = jax.tree.flatten(state)
     arrays = {f"leaf_{i:05d}": np.asarray(jax.random.key_data(x) if _is_typed_key(x) else x)
               for i, x in enumerate(leaves)}
+    arrays.update({f"extra_{k}": np.asarray(v) for k, v in (extra or {}).items()})
     _atomic_savez(Path(path), step=np.asarray(step), treedef=np.asarray(str(treedef)), **arrays)
 
 
 def load_checkpoint(path: Path, template):
-    """Restores a pytree saved by `save_checkpoint` into the structure of `template`."""
+    """Restores a pytree saved by `save_checkpoint` into the structure of `template`;
+    returns (state, step, extra)."""
     leaves, treedef = jax.tree.flatten(template)
     with np.load(path) as f:
         if str(f["treedef"]) != str(treedef):
@@ -730,7 +786,8 @@ def load_checkpoint(path: Path, template):
         for i, x in enumerate(leaves):
             v = f[f"leaf_{i:05d}"]
             restored.append(jax.random.wrap_key_data(v) if _is_typed_key(x) else jnp.asarray(v, x.dtype))
-        return jax.tree.unflatten(treedef, restored), int(f["step"])
+        extra = {k[len("extra_"):]: f[k] for k in f.files if k.startswith("extra_")}
+        return jax.tree.unflatten(treedef, restored), int(f["step"]), extra
 
 
 def _is_typed_key(x) -> bool:

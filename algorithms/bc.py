@@ -153,7 +153,7 @@ def main(args: Args) -> dict:
     keys = common.seed_keys(args.seed, args.num_seeds)
     state = jax.vmap(lambda k: create_state(k, actor, tx, obs_dim))(keys)
 
-    run = common.Run("bc", args, args.total_steps, dataset)
+    run = common.Run("bc", args, args.total_steps, (dataset.ref_min_score, dataset.ref_max_score))
     state, start = run.restore(state)
     chunk = jax.jit(jax.vmap(partial(train_chunk, actor=actor, tx=tx, args=args), in_axes=(0, None)),
                     donate_argnums=0)

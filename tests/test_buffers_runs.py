@@ -67,7 +67,8 @@ def test_checkpoint_roundtrip_and_atomic(tmp_path):
     common.save_checkpoint(path, state, step=1234)
     assert not (tmp_path / "checkpoint.npz.tmp").exists()
     template = jax.tree.map(jnp.zeros_like, state)
-    restored, step = common.load_checkpoint(path, template)
+    restored, step, extra = common.load_checkpoint(path, template)
+    assert extra == {}
     assert step == 1234
     jax.tree.map(np.testing.assert_array_equal, restored, state)
     with pytest.raises(ValueError, match="different model"):
@@ -82,7 +83,7 @@ def test_divergence_guard_names_step_and_quantity_and_keeps_checkpoint(tmp_path)
     with pytest.raises(common.DivergenceError, match=r"q_mean became nan at update 138 \(seed 1\)") as err:
         run.log(200, {"loss": np.zeros((2, 100)), "q_mean": q})
     assert str(run.ckpt) in str(err.value)
-    _, step = common.load_checkpoint(run.ckpt, {"w": jnp.zeros(2)})
+    _, step, _ = common.load_checkpoint(run.ckpt, {"w": jnp.zeros(2)})
     assert step == 100  # the last good checkpoint is untouched
 
 
