@@ -548,6 +548,7 @@ def set_env_states(envs: gym.vector.SyncVectorEnv, blob: np.ndarray) -> None:
 
     import mujoco
 
+    envs.reset()  # the wrappers insist on a reset before any step; everything it set is overwritten
     for env, s in zip(envs.envs, pickle.loads(np.asarray(blob, np.uint8).tobytes())):
         u = env.unwrapped
         u.np_random.bit_generator.state = s["rng"]
@@ -740,6 +741,69 @@ class Run:
         if self.wandb is not None:
             self.wandb.finish()
         return summary
+
+
+def train_online(run: Run, state, envs: gym.vector.SyncVectorEnv, step_fn: Callable, first_action: Callable,
+                 evaluate: Evaluator, *, start: int, total: int, eval_every: int, checkpoint_every: int,
+                 env_offset: int = 0, learning_starts: int = 0, on_eval: Callable | None = None):
+    """The online loop of SAC and of every fine-tuning phase: one environment per seed.
+
+    Global steps run from `start` to `total`; global step t is environment step t - env_offset
+    (offline updates, if any, came first). Each step: the environments step in Python with the
+    current actions, then the jitted `step_fn(state, transition, next_obs, t) -> (state,
+    next_actions, metrics)` stores the transition, updates the agent and picks the next actions
+    (all seeds at once). Metrics count from `learning_starts`. Every `eval_every` steps: evaluate,
+    log, `on_eval(step, state)`, and checkpoint with the environments' exact state, so that a
+    resumed run equals an uninterrupted one.
+    """
+    low, high = envs.single_action_space.low, envs.single_action_space.high
+    if "envs" in run.extra:  # resuming inside the online phase
+        set_env_states(envs, run.extra["envs"])
+        obs, action = run.extra["obs"], jnp.asarray(run.extra["action"])
+        ep_return = run.extra["ep_return"]
+    else:
+        obs, _ = envs.reset(seed=[episode_seed(s, start, 0) for s in run.seeds])
+        state, action = first_action(state, jnp.asarray(obs, jnp.float32))
+        ep_return = np.zeros(len(run.seeds))
+    chunk_metrics, train_returns, t0, compile_s = [], [], time.perf_counter(), 0.0
+    for t in range(start, total):
+        next_obs, reward, term, trunc, info = envs.step(from_unit_box(np.asarray(action), low, high))
+        done = term | trunc
+        real_next = next_obs.copy()  # the true s' of an episode that just ended (next_obs is a reset)
+        for i in np.flatnonzero(done):
+            real_next[i] = info["final_obs"][i]
+        transition = {"observations": obs, "actions": action, "rewards": reward, "next_observations": real_next,
+                      "terminals": term, "episode_ends": done}
+        transition = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), transition)
+        next_obs32 = jnp.asarray(next_obs, jnp.float32)
+        if t == start:  # compile once, timed apart
+            c0 = time.perf_counter()
+            step_fn = step_fn.lower(state, transition, next_obs32, t).compile()
+            compile_s = time.perf_counter() - c0
+        state, action, metrics = step_fn(state, transition, next_obs32, t)
+        if t >= learning_starts:
+            chunk_metrics.append(metrics)
+        ep_return += reward
+        for i in np.flatnonzero(done):
+            train_returns.append(ep_return[i])
+            ep_return[i] = 0.0
+        obs = next_obs
+        step = t + 1
+        if step % eval_every == 0 or step == total:
+            jax.block_until_ready(state)
+            steps_per_s = (step - max(start, step - eval_every)) / (time.perf_counter() - t0 - compile_s)
+            metrics = jax.tree.map(lambda *x: np.stack(x, axis=1), *chunk_metrics) if chunk_metrics else {}
+            run.check(step, metrics)
+            run.log(step, metrics, evaluate(state, step), phase="online", env_steps=step - env_offset,
+                    steps_per_s=steps_per_s, compile_s=compile_s,
+                    train_return_mean=float(np.mean(train_returns)) if train_returns else None)
+            if on_eval is not None:
+                on_eval(step, state)
+            if step % checkpoint_every == 0 or step == total:
+                run.save(state, step, extra={"envs": get_env_states(envs), "obs": obs, "action": np.asarray(action),
+                                             "ep_return": ep_return})
+            chunk_metrics, train_returns, t0, compile_s = [], [], time.perf_counter(), 0.0
+    return state
 
 
 def git_commit() -> str:

@@ -20,7 +20,6 @@ Run: python -m algorithms.sac --env-id Hopper-v5 --total-steps 1000000 --snapsho
 from __future__ import annotations
 
 import dataclasses
-import time
 from functools import partial
 from pathlib import Path
 
@@ -93,8 +92,9 @@ def check_args(args: Args) -> None:
     for name in ("num_seeds", "total_steps", "eval_every", "eval_episodes", "batch_size", "buffer_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.total_steps % args.eval_every or args.checkpoint_every % args.eval_every:
-        raise SystemExit("--total-steps and --checkpoint-every must be multiples of --eval-every")
+    if args.total_steps % args.eval_every or args.checkpoint_every % args.eval_every \
+            or args.snapshot_every % args.eval_every:
+        raise SystemExit("--total-steps, --checkpoint-every and --snapshot-every must be multiples of --eval-every")
     if args.learning_starts < 1:
         raise SystemExit("--learning-starts must be at least 1 (the buffer needs a transition to sample)")
     if not 0 < args.gamma <= 1 or not 0 < args.tau <= 1:
@@ -243,15 +243,19 @@ def update(state: TrainState, batch, agent: Agent):
     return state, metrics
 
 
-def env_step(state: TrainState, transition, next_obs, t, agent: Agent, learning_starts: int, train: bool):
-    """What follows one environment step, for one seed: store the transition, update (after the
-    warm-up), and choose the next action (uniform during the warm-up, then ã ~ π(·|s'))."""
+def env_step(state: TrainState, transition, next_obs, t, agent: Agent, learning_starts: int):
+    """What follows one environment step, for one seed: store the transition, update (from step
+    `learning_starts` on), and choose the next action (uniform during the warm-up, then ã ~ π(·|s'))."""
     state = state.replace(buffer=state.buffer.add(jax.tree.map(lambda x: x[None], transition)))
-    metrics = {}
-    if train:
+
+    def train(state):
         key, k_batch = jax.random.split(state.key)
-        batch = state.buffer.sample(k_batch, agent.batch_size)
-        state, metrics = update(state.replace(key=key), batch, agent)
+        return update(state.replace(key=key), state.buffer.sample(k_batch, agent.batch_size), agent)
+
+    def skip(state):
+        return state, jax.tree.map(jnp.zeros_like, jax.eval_shape(train, state)[1])
+
+    state, metrics = jax.lax.cond(t >= learning_starts, train, skip, state)
     key, k_uniform, k_pi = jax.random.split(state.key, 3)
     uniform = jax.random.uniform(k_uniform, (agent.actor.action_dim,), minval=-1.0, maxval=1.0)
     policy, _ = sample_action(agent.actor, state.actor_params, next_obs[None], k_pi)
@@ -259,7 +263,8 @@ def env_step(state: TrainState, transition, next_obs, t, agent: Agent, learning_
     return state.replace(key=key), action, metrics
 
 
-def first_action(state: TrainState, agent: Agent):
+def first_action(state: TrainState, obs, agent: Agent):
+    """The warm-up's first, uniformly random action."""
     key, k = jax.random.split(state.key)
     return state.replace(key=key), jax.random.uniform(k, (agent.actor.action_dim,), minval=-1.0, maxval=1.0)
 
@@ -291,7 +296,6 @@ def main(args: Args) -> dict:
     envs = common.vector_env(make_env, args.num_seeds)
     obs_dim = envs.single_observation_space.shape[0]
     act_dim = envs.single_action_space.shape[0]
-    low, high = envs.single_action_space.low, envs.single_action_space.high
 
     agent = Agent(actor=Actor(args.hidden, act_dim), critic=TwinCritic(args.hidden),
                   actor_tx=optax.adam(args.actor_lr), critic_tx=optax.adam(args.critic_lr),
@@ -303,62 +307,22 @@ def main(args: Args) -> dict:
 
     run = common.Run("sac", args, args.total_steps, common.env_reference_scores(args.env_id))
     state, start = run.restore(state)
-    if start:  # continue exactly where the checkpoint left the environments
-        common.set_env_states(envs, run.extra["envs"])
-        obs, action = run.extra["obs"], jnp.asarray(run.extra["action"])
-        ep_return, ep_length = run.extra["ep_return"], run.extra["ep_length"]
-    else:
-        obs, _ = envs.reset(seed=[common.episode_seed(s, 0, 0) for s in run.seeds])
-        state, action = jax.jit(jax.vmap(partial(first_action, agent=agent)))(state)
-        ep_return, ep_length = np.zeros(args.num_seeds), np.zeros(args.num_seeds, int)
 
-    step_fns = {train: jax.jit(jax.vmap(partial(env_step, agent=agent, learning_starts=args.learning_starts,
-                                                train=train), in_axes=(0, 0, 0, None)), donate_argnums=0)
-                for train in (False, True)}
-    evaluate = common.Evaluator(make_env, run.seeds, args.eval_episodes,
-                                policy=lambda params, obs: jnp.tanh(agent.actor.apply(params, obs)[0]))
-    chunk_metrics, train_returns, t0, compile_s = [], [], time.perf_counter(), 0.0
-    for t in range(start, args.total_steps):
-        next_obs, reward, term, trunc, info = envs.step(common.from_unit_box(np.asarray(action), low, high))
-        done = term | trunc
-        real_next = next_obs.copy()  # the true s' of an episode that just ended (next_obs is a reset)
-        for i in np.flatnonzero(done):
-            real_next[i] = info["final_obs"][i]
-        transition = {"observations": obs, "actions": action, "rewards": reward,
-                      "next_observations": real_next, "terminals": term}
-        train = t >= args.learning_starts
-        if t in (start, args.learning_starts):  # the first call of each variant compiles: time it apart
-            c0 = time.perf_counter()
-            step_fns[train] = step_fns[train].lower(state, transition, next_obs, t).compile()
-            compile_s += time.perf_counter() - c0
-        state, action, metrics = step_fns[train](state, transition, next_obs, t)
-        if train:
-            chunk_metrics.append(metrics)
-        ep_return += reward
-        ep_length += 1
-        for i in np.flatnonzero(done):
-            train_returns.append(ep_return[i])
-            ep_return[i], ep_length[i] = 0.0, 0
-        obs = next_obs
-
-        step = t + 1
+    def snapshot(step, state):
         if args.snapshot_every and step % args.snapshot_every == 0:
             for i, seed in enumerate(run.seeds):
                 export_policy(common.tree_index(state.actor_params, i),
                               run.dir / "policies" / f"step_{step:07d}_seed{seed}.npz", args.hidden, act_dim)
-        if step % args.eval_every == 0:
-            jax.block_until_ready(state)
-            steps_per_s = (step - max(start, step - args.eval_every)) / (time.perf_counter() - t0 - compile_s)
-            metrics = jax.tree.map(lambda *x: np.stack(x, axis=1), *chunk_metrics) if chunk_metrics else {}
-            run.check(step, metrics)
-            returns = evaluate(state.actor_params, step)
-            run.log(step, metrics, returns, steps_per_s=steps_per_s, compile_s=compile_s,
-                    train_return_mean=float(np.mean(train_returns)) if train_returns else None)
-            if step % args.checkpoint_every == 0 or step == args.total_steps:
-                run.save(state, step, extra={"envs": common.get_env_states(envs), "obs": obs,
-                                             "action": np.asarray(action), "ep_return": ep_return,
-                                             "ep_length": ep_length})
-            chunk_metrics, train_returns, t0, compile_s = [], [], time.perf_counter(), 0.0
+
+    evaluate = common.Evaluator(make_env, run.seeds, args.eval_episodes,
+                                policy=lambda params, obs: jnp.tanh(agent.actor.apply(params, obs)[0]))
+    step_fn = jax.jit(jax.vmap(partial(env_step, agent=agent, learning_starts=args.learning_starts),
+                               in_axes=(0, 0, 0, None)), donate_argnums=0)
+    state = common.train_online(
+        run, state, envs, step_fn, jax.jit(jax.vmap(partial(first_action, agent=agent))),
+        lambda state, step: evaluate(state.actor_params, step), start=start, total=args.total_steps,
+        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+        learning_starts=args.learning_starts, on_eval=snapshot)
     return run.finish()
 
 
