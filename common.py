@@ -37,6 +37,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parent
 POLICY_DIR = REPO_ROOT / "benchmarks" / "policies"
 FIELDS = ("observations", "actions", "rewards", "next_observations", "terminals", "episode_ends")
+TRANSITION_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals")  # what TD needs
 CACHE_NAME = "offlax_flat.npz"
 
 # The offlax suite: D4RL's recipe on Gymnasium v5, with D4RL's reference scores (random, expert).
@@ -423,6 +424,22 @@ def mc_returns(rewards, episode_ends, gamma: float, sparse_failure_reward: float
     return out.astype(np.float32)
 
 
+def subsample(dataset: Dataset, fraction: float = 1.0, num_transitions: int | None = None, seed: int = 0) -> Dataset:
+    """A random subset of the transitions, drawn once without replacement (the data-scarce study).
+
+    The subset depends only on `seed` (callers pass a fixed one), so every training seed of a
+    vmapped run sees the same data, as separate runs would."""
+    n = len(dataset)
+    if num_transitions is None and fraction == 1.0:
+        return dataset
+    k = num_transitions if num_transitions is not None else int(round(fraction * n))
+    if not 1 <= k <= n:
+        raise DataError(f"asked for {k} transitions (--data-fraction {fraction}, --num-transitions "
+                        f"{num_transitions}) but {dataset.id} has {n}; ask for between 1 and {n}")
+    idx = np.sort(np.random.default_rng(seed).choice(n, k, replace=False))
+    return dataclasses.replace(dataset, **{f: getattr(dataset, f)[idx] for f in FIELDS})
+
+
 def device_arrays(dataset: Dataset, obs_mean=None, obs_std=None, reward_scale=1.0, reward_bias=0.0,
                   extra: dict | None = None) -> dict[str, jax.Array]:
     """The dataset as device arrays, ready to sample inside jit.
@@ -669,6 +686,13 @@ class Run:
             metrics.write_text("".join(json.dumps(r) + "\n" for r in self.history))
         return state, step
 
+    def checkpoint_step(self) -> int:
+        """The step of the checkpoint a resumed run continues from (0 for a fresh run)."""
+        if not getattr(self.args, "resume", None) or not self.ckpt.exists():
+            return 0
+        with np.load(self.ckpt) as f:
+            return int(f["step"])
+
     def save(self, state, step: int, extra: dict | None = None) -> None:
         save_checkpoint(self.ckpt, state, step, extra)
 
@@ -741,6 +765,26 @@ class Run:
         if self.wandb is not None:
             self.wandb.finish()
         return summary
+
+
+def train_offline(run: Run, state, chunk: Callable, data, evaluate: Callable, *, start: int, total: int,
+                  eval_every: int):
+    """The offline phase: `chunk(state, data) -> (state, metrics)` runs `eval_every` fused updates
+    for all seeds (compiled once, timed apart); after each chunk: divergence check, evaluation
+    `evaluate(state, step)`, a log row and a checkpoint. Steps run from `start` to `total`."""
+    if start >= total:
+        return state
+    chunk, compile_s = compile_timed(chunk, state, data)
+    for step in range(start + eval_every, total + 1, eval_every):
+        t0 = time.perf_counter()
+        state, metrics = chunk(state, data)
+        jax.block_until_ready(state)
+        train_s = time.perf_counter() - t0
+        run.check(step, metrics)  # stop on NaN/inf before acting with a broken policy
+        run.log(step, metrics, evaluate(state, step), phase="offline", updates_per_s=eval_every / train_s,
+                compile_s=compile_s)
+        run.save(state, step)
+    return state
 
 
 def train_online(run: Run, state, envs: gym.vector.SyncVectorEnv, step_fn: Callable, first_action: Callable,

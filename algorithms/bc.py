@@ -15,7 +15,6 @@ Run: python -m algorithms.bc --dataset offlax/hopper/medium-v0 --num-seeds 3
 from __future__ import annotations
 
 import dataclasses
-import time
 from functools import partial
 
 import flax
@@ -157,20 +156,11 @@ def main(args: Args) -> dict:
     state, start = run.restore(state)
     chunk = jax.jit(jax.vmap(partial(train_chunk, actor=actor, tx=tx, args=args), in_axes=(0, None)),
                     donate_argnums=0)
-    chunk, compile_s = common.compile_timed(chunk, state, data)
-
     mean, std = jnp.asarray(obs_mean), jnp.asarray(obs_std)
     evaluate = common.Evaluator(dataset.make_env, run.seeds, args.eval_episodes,
                                 policy=lambda params, obs: actor.apply(params, (obs - mean) / std))
-    for step in range(start + args.eval_every, args.total_steps + 1, args.eval_every):
-        t0 = time.perf_counter()
-        state, metrics = chunk(state, data)
-        jax.block_until_ready(state)
-        train_s = time.perf_counter() - t0
-        run.check(step, metrics)  # stop on NaN/inf before acting with a broken policy
-        returns = evaluate(state.params, step)
-        run.log(step, metrics, returns, updates_per_s=args.eval_every / train_s, compile_s=compile_s)
-        run.save(state, step)
+    common.train_offline(run, state, chunk, data, lambda state, step: evaluate(state.params, step),
+                         start=start, total=args.total_steps, eval_every=args.eval_every)
     return run.finish()
 
 

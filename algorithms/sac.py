@@ -194,8 +194,9 @@ def create_state(key, agent: Agent, obs_dim: int, act_dim: int, args: Args) -> T
     log_alpha = jnp.asarray(np.log(args.init_alpha), jnp.float32)
     example = {"observations": obs[0], "actions": act[0], "rewards": jnp.zeros(()),
                "next_observations": obs[0], "terminals": jnp.zeros(())}
+    target_critic_params = jax.tree.map(jnp.copy, critic_params)  # equal values, own buffers (donation)
     return TrainState(
-        actor_params=actor_params, critic_params=critic_params, target_critic_params=critic_params,
+        actor_params=actor_params, critic_params=critic_params, target_critic_params=target_critic_params,
         log_alpha=log_alpha, actor_opt=agent.actor_tx.init(actor_params),
         critic_opt=agent.critic_tx.init(critic_params), alpha_opt=agent.alpha_tx.init(log_alpha),
         buffer=common.ReplayBuffer.create(example, min(args.buffer_size, args.total_steps)), key=key)
