@@ -424,20 +424,39 @@ def mc_returns(rewards, episode_ends, gamma: float, sparse_failure_reward: float
     return out.astype(np.float32)
 
 
-def subsample(dataset: Dataset, fraction: float = 1.0, num_transitions: int | None = None, seed: int = 0) -> Dataset:
-    """A random subset of the transitions, drawn once without replacement (the data-scarce study).
+def subsample(dataset: Dataset, fraction: float = 1.0, num_transitions: int | None = None,
+              seed: int = 0) -> tuple[Dataset, np.ndarray]:
+    """A random subset of the transitions, drawn once without replacement (the data-scarce study);
+    returns it and the kept indices (to subsample per-transition arrays such as MC returns alike).
 
     The subset depends only on `seed` (callers pass a fixed one), so every training seed of a
     vmapped run sees the same data, as separate runs would."""
     n = len(dataset)
     if num_transitions is None and fraction == 1.0:
-        return dataset
+        return dataset, np.arange(n)
     k = num_transitions if num_transitions is not None else int(round(fraction * n))
     if not 1 <= k <= n:
         raise DataError(f"asked for {k} transitions (--data-fraction {fraction}, --num-transitions "
                         f"{num_transitions}) but {dataset.id} has {n}; ask for between 1 and {n}")
     idx = np.sort(np.random.default_rng(seed).choice(n, k, replace=False))
-    return dataclasses.replace(dataset, **{f: getattr(dataset, f)[idx] for f in FIELDS})
+    return dataclasses.replace(dataset, **{f: getattr(dataset, f)[idx] for f in FIELDS}), idx
+
+
+def trajectory_mc_returns(rewards, length, gamma: float, sparse_failure_reward: float | None = None):
+    """`mc_returns` for one trajectory held in a fixed-size array (jittable): rows past `length`
+    are ignored and get 0; the trajectory's last row does not bootstrap."""
+    valid = jnp.arange(rewards.shape[0]) < length
+
+    def back(g, x):
+        r, ok = x
+        g = jnp.where(ok, r + gamma * g, 0.0)
+        return g, g
+
+    _, out = jax.lax.scan(back, jnp.zeros(()), (rewards, valid), reverse=True)
+    if sparse_failure_reward is not None:
+        failed = jnp.all(jnp.where(valid, rewards == sparse_failure_reward, True))
+        out = jnp.where(failed & valid, sparse_failure_reward / (1.0 - gamma), out)
+    return out
 
 
 def device_arrays(dataset: Dataset, obs_mean=None, obs_std=None, reward_scale=1.0, reward_bias=0.0,
@@ -717,9 +736,17 @@ class Run:
         """Checks every quantity is finite, then appends one row (per-seed values) to metrics.jsonl."""
         self.check(step, metrics)
         row: dict[str, Any] = {"step": int(step)}
+        # Where a step runs a varying number of updates (Cal-QL's per-trajectory updates), the
+        # metric "num_updates" weights the per-step means.
+        weights = np.asarray(metrics["num_updates"], np.float64) if "num_updates" in metrics else None
         for name, v in metrics.items():
             v = np.asarray(v, np.float64)
-            row[name] = v.mean(axis=-1).tolist() if v.ndim > 1 else v.tolist()
+            if v.ndim > 1 and weights is not None and name != "num_updates":
+                row[name] = (np.sum(v * weights, -1) / np.maximum(weights.sum(-1), 1)).tolist()
+            elif v.ndim > 1:
+                row[name] = (v.sum(-1) if name == "num_updates" else v.mean(-1)).tolist()
+            else:
+                row[name] = v.tolist()
         if returns is not None:
             row["returns"] = np.asarray(returns).tolist()
             per_seed = np.asarray(returns).mean(axis=1)
@@ -789,14 +816,16 @@ def train_offline(run: Run, state, chunk: Callable, data, evaluate: Callable, *,
 
 def train_online(run: Run, state, envs: gym.vector.SyncVectorEnv, step_fn: Callable, first_action: Callable,
                  evaluate: Evaluator, *, start: int, total: int, eval_every: int, checkpoint_every: int,
-                 env_offset: int = 0, learning_starts: int = 0, on_eval: Callable | None = None):
+                 env_offset: int = 0, learning_starts: int = 0, on_eval: Callable | None = None,
+                 step_args: tuple = ()):
     """The online loop of SAC and of every fine-tuning phase: one environment per seed.
 
     Global steps run from `start` to `total`; global step t is environment step t - env_offset
     (offline updates, if any, came first). Each step: the environments step in Python with the
     current actions, then the jitted `step_fn(state, transition, next_obs, t) -> (state,
     next_actions, metrics)` stores the transition, updates the agent and picks the next actions
-    (all seeds at once). Metrics count from `learning_starts`. Every `eval_every` steps: evaluate,
+    (all seeds at once); `step_args` (e.g. the offline data) follow t as arguments, never as
+    constants baked into the compiled code. Metrics count from `learning_starts`. Every `eval_every` steps: evaluate,
     log, `on_eval(step, state)`, and checkpoint with the environments' exact state, so that a
     resumed run equals an uninterrupted one.
     """
@@ -822,9 +851,9 @@ def train_online(run: Run, state, envs: gym.vector.SyncVectorEnv, step_fn: Calla
         next_obs32 = jnp.asarray(next_obs, jnp.float32)
         if t == start:  # compile once, timed apart
             c0 = time.perf_counter()
-            step_fn = step_fn.lower(state, transition, next_obs32, t).compile()
+            step_fn = step_fn.lower(state, transition, next_obs32, t, *step_args).compile()
             compile_s = time.perf_counter() - c0
-        state, action, metrics = step_fn(state, transition, next_obs32, t)
+        state, action, metrics = step_fn(state, transition, next_obs32, t, *step_args)
         if t >= learning_starts:
             chunk_metrics.append(metrics)
         ep_return += reward

@@ -350,7 +350,7 @@ def main(args: Args) -> dict:
     dataset = common.load_dataset(args.dataset)
     reward_scale, reward_bias = {"normalize": (common.iql_reward_scale(dataset), 0.0),
                                  "minus_one": (1.0, -1.0), "none": (1.0, 0.0)}[reward_kind]
-    dataset = common.subsample(dataset, args.data_fraction, args.num_transitions, seed=0)
+    dataset, _ = common.subsample(dataset, args.data_fraction, args.num_transitions)
     data = common.device_arrays(dataset, reward_scale=reward_scale, reward_bias=reward_bias)
     obs_dim, act_dim = dataset.observations.shape[1], dataset.actions.shape[1]
 
