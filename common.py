@@ -6,7 +6,9 @@ Sections, in the order a script uses them:
   2. Preprocessing: observation statistics, reward scaling, Monte-Carlo returns-to-go.
   3. Buffers: on-device uniform sampling, an online replay buffer as a pytree, a mixed sampler.
   4. Evaluation: deterministic policies on a vectorised environment, all seeds at once.
-  5. Runs: run folder, metrics log, progress bar, checkpoints, exact resume, divergence guard.
+  5. SEEM: the self-excitation eigenvalue of Yue et al. (2023), matrix-free.
+  6. Runs: run folder, metrics log, progress bar, checkpoints, exact resume, divergence guard,
+     and the offline and online training loops.
 
 The algorithms (networks, losses, updates) never live here: each script holds its own.
 """
@@ -27,6 +29,7 @@ from urllib.parse import urlparse
 import flax
 import gymnasium as gym
 import jax
+import jax.flatten_util  # noqa: F401  (ravel_pytree, for dense SEEM)
 import jax.numpy as jnp
 import numpy as np
 
@@ -635,7 +638,99 @@ class Evaluator:
 
 
 # --------------------------------------------------------------------------------------------
-# 5. Runs: folder, log, progress, checkpoints, resume, divergence guard
+# 5. SEEM: does TD training self-excite? (Yue et al. 2023)
+# --------------------------------------------------------------------------------------------
+# With Φ(X) the per-sample gradients ∇_θ Q(s_i, a_i) / √P of the critic on a probe X and X* =
+# {(s'_i, π(s'_i))}, one gradient step on the TD error u moves it as u ← (I + η A) u with
+#     A = γ Φ(X*) Φ(X)ᵀ − Φ(X) Φ(X)ᵀ     (N × N),
+# so training self-excites (diverges) when A has an eigenvalue with positive real part. SEEM is
+# that largest real part, also reported divided by ‖A‖_F. Matrix-free: Φ(X)ᵀ v is a VJP of Q(X)
+# and Φ(·) w a JVP, so A·v never forms Φ (N × P) and costs three passes over the probe.
+
+def seem_matvec(q_fn: Callable, gamma: float) -> Callable:
+    """A jitted v -> A·v for `q_fn(params, obs, actions) -> (N,)` (one critic's values)."""
+
+    @jax.jit
+    def matvec(params, probe, vs):  # vs: (N, k) -> A·vs: (N, k)
+        obs, act, next_obs, next_act = probe
+        num_params = sum(x.size for x in jax.tree.leaves(params))
+        q_x = lambda p: q_fn(p, obs, act)  # noqa: E731
+        _, vjp = jax.vjp(q_x, params)
+
+        def one(v):
+            (w,) = vjp(v)  # Φ(X)ᵀ v √P
+            _, jx = jax.jvp(q_x, (params,), (w,))
+            _, jxs = jax.jvp(lambda p: q_fn(p, next_obs, next_act), (params,), (w,))
+            return (gamma * jxs - jx) / num_params
+
+        return jax.vmap(one, in_axes=1, out_axes=1)(vs)
+
+    return matvec
+
+
+def seem(q_fn: Callable, params, probe: tuple, gamma: float, fro_samples: int = 32, seed: int = 0,
+         tol: float = 1e-6) -> tuple[float, float]:
+    """(λ_max, λ_max / ‖A‖_F): the largest real part of A's eigenvalues by Arnoldi (ARPACK,
+    which="LR") on the matrix-free operator, and ‖A‖_F by Hutchinson's estimate E‖A z‖²."""
+    from scipy.sparse.linalg import LinearOperator, eigs
+
+    matvec = seem_matvec(q_fn, gamma)
+    n = probe[0].shape[0]
+    op = LinearOperator((n, n), dtype=np.float64,
+                        matmat=lambda V: np.asarray(matvec(params, probe, jnp.asarray(V, jnp.float32)), np.float64),
+                        matvec=lambda v: np.asarray(matvec(params, probe, jnp.asarray(v, jnp.float32)[:, None]),
+                                                    np.float64)[:, 0])
+    lam = eigs(op, k=1, which="LR", tol=tol, maxiter=50 * n, return_eigenvectors=False)
+    z = jax.random.normal(jax.random.PRNGKey(seed), (n, fro_samples))
+    fro = float(jnp.sqrt(jnp.mean(jnp.sum(matvec(params, probe, z) ** 2, axis=0))))
+    lam = float(np.real(lam).max())
+    return lam, lam / fro
+
+
+def seem_dense(q_fn: Callable, params, probe: tuple, gamma: float) -> tuple[float, float, np.ndarray]:
+    """The same from explicit per-sample gradients and a dense eigendecomposition (small networks,
+    tests, benchmarks): returns (λ_max, λ_max / ‖A‖_F, A)."""
+    obs, act, next_obs, next_act = probe
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    grad = jax.vmap(jax.grad(lambda f, s, a: q_fn(unravel(f), s[None], a[None])[0]), in_axes=(None, 0, 0))
+    phi, phi_next = grad(flat, obs, act) / np.sqrt(flat.size), grad(flat, next_obs, next_act) / np.sqrt(flat.size)
+    a = np.asarray(gamma * phi_next @ phi.T - phi @ phi.T, np.float64)
+    lam = float(np.real(np.linalg.eigvals(a)).max())
+    return lam, lam / float(np.linalg.norm(a)), a
+
+
+class SeemMonitor:
+    """SEEM every `every` steps on a probe of N dataset transitions drawn once, for every seed;
+    warns when it stays positive (two measurements in a row) that Q divergence is predicted."""
+
+    def __init__(self, every: int, data: dict, q_fn: Callable, gamma: float, num_probe: int = 2560, seed: int = 0):
+        self.every, self.q_fn, self.gamma = every, q_fn, gamma
+        n = data["observations"].shape[0]
+        idx = np.random.default_rng(seed).choice(n, min(num_probe, n), replace=False)
+        self.obs, self.act, self.next_obs = (np.asarray(data[k])[idx] for k in
+                                             ("observations", "actions", "next_observations"))
+        self.positive: dict[int, int] = {}
+
+    def __call__(self, step: int, critic_params, next_actions: Callable) -> dict:
+        """Per-seed SEEM of the seed-stacked `critic_params`; `next_actions(i, next_obs)` is seed i's π(s')."""
+        if not self.every or step % self.every:
+            return {}
+        out = {"seem": [], "seem_normalized": []}
+        for i in range(jax.tree.leaves(critic_params)[0].shape[0]):
+            probe = (self.obs, self.act, self.next_obs, np.asarray(next_actions(i, self.next_obs)))
+            lam, lam_n = seem(self.q_fn, tree_index(critic_params, i), probe, self.gamma)
+            out["seem"].append(lam)
+            out["seem_normalized"].append(lam_n)
+            self.positive[i] = self.positive.get(i, 0) + 1 if lam > 0 else 0
+            if self.positive[i] == 2:
+                print(f"\nwarning: SEEM has stayed positive ({lam_n:.3f} normalised) for seed index {i}: Q divergence "
+                      f"predicted at step {step}. Consider --critic-layernorm or a smaller discount.",
+                      file=sys.stderr, flush=True)
+        return {k: np.asarray(v) for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Runs: folder, log, progress, checkpoints, resume, divergence guard
 # --------------------------------------------------------------------------------------------
 
 class DivergenceError(RuntimeError):
