@@ -669,22 +669,49 @@ def seem_matvec(q_fn: Callable, gamma: float) -> Callable:
 
 
 def seem(q_fn: Callable, params, probe: tuple, gamma: float, fro_samples: int = 32, seed: int = 0,
-         tol: float = 1e-6) -> tuple[float, float]:
-    """(λ_max, λ_max / ‖A‖_F): the largest real part of A's eigenvalues by Arnoldi (ARPACK,
-    which="LR") on the matrix-free operator, and ‖A‖_F by Hutchinson's estimate E‖A z‖²."""
-    from scipy.sparse.linalg import LinearOperator, eigs
+         tol: float = 1e-6, ncv: int = 40, restarts: int = 10) -> tuple[float, float, bool]:
+    """(λ_max, λ_max / ‖A‖_F, converged): the largest real part of A's eigenvalues by implicitly
+    restarted Arnoldi (ARPACK, which="LR") on the matrix-free operator, at most `restarts`
+    restarts of `ncv` vectors; where the rightmost eigenvalues are too clustered for that budget
+    (typical of stable critics), the largest real Ritz value of the Arnoldi factorisation instead
+    (converged = False). ‖A‖_F is Hutchinson's estimate sqrt(E‖A z‖²) over `fro_samples` vectors."""
+    from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigs
 
     matvec = seem_matvec(q_fn, gamma)
     n = probe[0].shape[0]
-    op = LinearOperator((n, n), dtype=np.float64,
-                        matmat=lambda V: np.asarray(matvec(params, probe, jnp.asarray(V, jnp.float32)), np.float64),
-                        matvec=lambda v: np.asarray(matvec(params, probe, jnp.asarray(v, jnp.float32)[:, None]),
-                                                    np.float64)[:, 0])
-    lam = eigs(op, k=1, which="LR", tol=tol, maxiter=50 * n, return_eigenvectors=False)
+
+    def apply(v):
+        return np.asarray(matvec(params, probe, jnp.asarray(v, jnp.float32).reshape(n, -1)), np.float64)
+
+    op = LinearOperator((n, n), dtype=np.float64, matvec=lambda v: apply(v)[:, 0], matmat=apply)
+    converged = True
+    try:
+        lam = eigs(op, k=1, which="LR", tol=tol, ncv=min(ncv, n - 1), maxiter=restarts, return_eigenvectors=False)
+    except ArpackNoConvergence:
+        lam, converged = arnoldi_ritz_values(op.matvec, n, min(ncv, n), seed), False
     z = jax.random.normal(jax.random.PRNGKey(seed), (n, fro_samples))
     fro = float(jnp.sqrt(jnp.mean(jnp.sum(matvec(params, probe, z) ** 2, axis=0))))
     lam = float(np.real(lam).max())
-    return lam, lam / fro
+    return lam, lam / fro, converged
+
+
+def arnoldi_ritz_values(matvec: Callable, n: int, m: int, seed: int = 0) -> np.ndarray:
+    """Eigenvalues of the m x m Hessenberg matrix of an m-step Arnoldi factorisation (Ritz values)."""
+    q = np.zeros((n, m + 1))
+    h = np.zeros((m + 1, m))
+    v = np.random.default_rng(seed).normal(size=n)
+    q[:, 0] = v / np.linalg.norm(v)
+    for j in range(m):
+        w = matvec(q[:, j])
+        for _ in range(2):  # Gram-Schmidt twice, for orthogonality in floating point
+            c = q[:, :j + 1].T @ w
+            w -= q[:, :j + 1] @ c
+            h[:j + 1, j] += c
+        h[j + 1, j] = np.linalg.norm(w)
+        if h[j + 1, j] < 1e-12:
+            return np.linalg.eigvals(h[:j + 1, :j + 1])
+        q[:, j + 1] = w / h[j + 1, j]
+    return np.linalg.eigvals(h[:m, :m])
 
 
 def seem_dense(q_fn: Callable, params, probe: tuple, gamma: float) -> tuple[float, float, np.ndarray]:
@@ -703,24 +730,36 @@ class SeemMonitor:
     """SEEM every `every` steps on a probe of N dataset transitions drawn once, for every seed;
     warns when it stays positive (two measurements in a row) that Q divergence is predicted."""
 
-    def __init__(self, every: int, data: dict, q_fn: Callable, gamma: float, num_probe: int = 2560, seed: int = 0):
-        self.every, self.q_fn, self.gamma = every, q_fn, gamma
-        n = data["observations"].shape[0]
-        idx = np.random.default_rng(seed).choice(n, min(num_probe, n), replace=False)
-        self.obs, self.act, self.next_obs = (np.asarray(data[k])[idx] for k in
-                                             ("observations", "actions", "next_observations"))
+    def __init__(self, every: int, data: dict | None, q_fn: Callable, gamma: float, num_probe: int = 2560,
+                 seed: int = 0):
+        self.every, self.q_fn, self.gamma, self.num_probe, self.seed = every, q_fn, gamma, num_probe, seed
+        self.probe = None
+        if data is not None:
+            self.draw(data)
         self.positive: dict[int, int] = {}
 
-    def __call__(self, step: int, critic_params, next_actions: Callable) -> dict:
-        """Per-seed SEEM of the seed-stacked `critic_params`; `next_actions(i, next_obs)` is seed i's π(s')."""
+    def draw(self, data: dict) -> None:
+        """Fixes the probe: `num_probe` transitions of `data`, drawn once."""
+        n = data["observations"].shape[0]
+        idx = np.random.default_rng(self.seed).choice(n, min(self.num_probe, n), replace=False)
+        self.obs, self.act, self.next_obs = (np.asarray(data[k])[idx] for k in
+                                             ("observations", "actions", "next_observations"))
+        self.probe = True
+
+    def __call__(self, step: int, critic_params, next_actions: Callable, data: Callable | None = None) -> dict:
+        """Per-seed SEEM of the seed-stacked `critic_params`; `next_actions(i, next_obs)` is seed i's π(s').
+        Online, `data()` gives the transitions to draw the probe from at the first measurement."""
         if not self.every or step % self.every:
             return {}
-        out = {"seem": [], "seem_normalized": []}
+        if self.probe is None:
+            self.draw(data())
+        out = {"seem": [], "seem_normalized": [], "seem_converged": []}
         for i in range(jax.tree.leaves(critic_params)[0].shape[0]):
             probe = (self.obs, self.act, self.next_obs, np.asarray(next_actions(i, self.next_obs)))
-            lam, lam_n = seem(self.q_fn, tree_index(critic_params, i), probe, self.gamma)
+            lam, lam_n, converged = seem(self.q_fn, tree_index(critic_params, i), probe, self.gamma)
             out["seem"].append(lam)
             out["seem_normalized"].append(lam_n)
+            out["seem_converged"].append(float(converged))
             self.positive[i] = self.positive.get(i, 0) + 1 if lam > 0 else 0
             if self.positive[i] == 2:
                 print(f"\nwarning: SEEM has stayed positive ({lam_n:.3f} normalised) for seed index {i}: Q divergence "
@@ -893,7 +932,8 @@ def train_offline(run: Run, state, chunk: Callable, data, evaluate: Callable, *,
                   eval_every: int):
     """The offline phase: `chunk(state, data) -> (state, metrics)` runs `eval_every` fused updates
     for all seeds (compiled once, timed apart); after each chunk: divergence check, evaluation
-    `evaluate(state, step)`, a log row and a checkpoint. Steps run from `start` to `total`."""
+    `evaluate(state, step)` (returns, or returns and extra per-seed values), a log row and a
+    checkpoint. Steps run from `start` to `total`."""
     if start >= total:
         return state
     chunk, compile_s = compile_timed(chunk, state, data)
@@ -903,8 +943,10 @@ def train_offline(run: Run, state, chunk: Callable, data, evaluate: Callable, *,
         jax.block_until_ready(state)
         train_s = time.perf_counter() - t0
         run.check(step, metrics)  # stop on NaN/inf before acting with a broken policy
-        run.log(step, metrics, evaluate(state, step), phase="offline", updates_per_s=eval_every / train_s,
-                compile_s=compile_s)
+        returns = evaluate(state, step)  # raw returns, or (returns, {name: per-seed values}) e.g. SEEM
+        returns, extra = returns if isinstance(returns, tuple) else (returns, {})
+        run.log(step, metrics, returns, phase="offline", updates_per_s=eval_every / train_s, compile_s=compile_s,
+                **{k: np.asarray(v).tolist() for k, v in extra.items()})
         run.save(state, step)
     return state
 
@@ -962,9 +1004,12 @@ def train_online(run: Run, state, envs: gym.vector.SyncVectorEnv, step_fn: Calla
             steps_per_s = (step - max(start, step - eval_every)) / (time.perf_counter() - t0 - compile_s)
             metrics = jax.tree.map(lambda *x: np.stack(x, axis=1), *chunk_metrics) if chunk_metrics else {}
             run.check(step, metrics)
-            run.log(step, metrics, evaluate(state, step), phase="online", env_steps=step - env_offset,
+            returns = evaluate(state, step)
+            returns, extra = returns if isinstance(returns, tuple) else (returns, {})
+            run.log(step, metrics, returns, phase="online", env_steps=step - env_offset,
                     steps_per_s=steps_per_s, compile_s=compile_s,
-                    train_return_mean=float(np.mean(train_returns)) if train_returns else None)
+                    train_return_mean=float(np.mean(train_returns)) if train_returns else None,
+                    **{k: np.asarray(v).tolist() for k, v in extra.items()})
             if on_eval is not None:
                 on_eval(step, state)
             if step % checkpoint_every == 0 or step == total:

@@ -73,6 +73,8 @@ class Args:
     """Continue the run in this folder from its last checkpoint (its saved config is used)."""
     wandb: bool = False
     """Also log to Weights & Biases (needs `pip install wandb`)."""
+    seem_every: int = 0
+    """Log SEEM (largest eigenvalue of the TD dynamics, on a fixed probe of 2,560 transitions) every this many offline updates (X* uses the actor's mean action); 0: never."""
     # --- algorithm ---
     family: Literal["locomotion", "antmaze", "kitchen", "adroit"] = "locomotion"
     """Task family: sets the expectile, temperature, dropout and reward transform of the paper."""
@@ -374,7 +376,19 @@ def main(args: Args) -> dict:
     state, start = run.restore(state)
     evaluator = common.Evaluator(dataset.make_env, run.seeds, args.eval_episodes,
                                  policy=lambda params, obs: agent.actor.apply(params, obs)[0])
-    evaluate = lambda state, step: evaluator(state.actor_params, step)  # noqa: E731
+    q1 = MLP(args.hidden + (1,), args.critic_layernorm)  # SEEM of Q_θ1 alone
+    seem = common.SeemMonitor(args.seem_every, data, lambda p, s, a: q1.apply(
+        {"params": jax.tree.map(lambda x: x[0], p["params"]["VmapMLP_0"])}, jnp.concatenate([s, a], -1))[:, 0],
+        args.gamma)
+    mean_action = jax.jit(lambda params, obs: agent.actor.apply(params, obs)[0])
+
+    def evaluate(state, step):
+        returns = evaluator(state.actor_params, step)
+        if step > args.total_steps:
+            return returns
+        return returns, seem(step, state.critic_params,
+                             lambda i, s: mean_action(common.tree_index(state.actor_params, i), s))
+
 
     chunk = jax.jit(jax.vmap(partial(train_chunk, agent=agent, num_updates=args.eval_every), in_axes=(0, None)),
                     donate_argnums=0)

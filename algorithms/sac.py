@@ -63,6 +63,8 @@ class Args:
     """Continue the run in this folder from its last checkpoint (its saved config is used)."""
     wandb: bool = False
     """Also log to Weights & Biases (needs `pip install wandb`)."""
+    seem_every: int = 0
+    """Log SEEM (largest eigenvalue of the TD dynamics, on a fixed probe of 2,560 transitions) every this many steps (probe drawn from the first seed's replay buffer); 0: never."""
     # --- algorithm ---
     learning_starts: int = 10_000
     """Warm-up steps with uniformly random actions before the first update."""
@@ -93,8 +95,9 @@ def check_args(args: Args) -> None:
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.total_steps % args.eval_every or args.checkpoint_every % args.eval_every \
-            or args.snapshot_every % args.eval_every:
-        raise SystemExit("--total-steps, --checkpoint-every and --snapshot-every must be multiples of --eval-every")
+            or args.snapshot_every % args.eval_every or args.seem_every % args.eval_every:
+        raise SystemExit("--total-steps, --checkpoint-every, --snapshot-every and --seem-every must be multiples "
+                         "of --eval-every")
     if args.learning_starts < 1:
         raise SystemExit("--learning-starts must be at least 1 (the buffer needs a transition to sample)")
     if not 0 < args.gamma <= 1 or not 0 < args.tau <= 1:
@@ -315,13 +318,27 @@ def main(args: Args) -> dict:
                 export_policy(common.tree_index(state.actor_params, i),
                               run.dir / "policies" / f"step_{step:07d}_seed{seed}.npz", args.hidden, act_dim)
 
-    evaluate = common.Evaluator(make_env, run.seeds, args.eval_episodes,
-                                policy=lambda params, obs: jnp.tanh(agent.actor.apply(params, obs)[0]))
+    evaluator = common.Evaluator(make_env, run.seeds, args.eval_episodes,
+                                 policy=lambda params, obs: jnp.tanh(agent.actor.apply(params, obs)[0]))
+    q1 = Critic(args.hidden)  # SEEM of Q_θ1 alone
+    seem = common.SeemMonitor(args.seem_every, None, lambda p, s, a: q1.apply(
+        {"params": jax.tree.map(lambda x: x[0], p["params"]["VmapCritic_0"])}, s, a), args.gamma)
+    mean_action = jax.jit(lambda params, obs: jnp.tanh(agent.actor.apply(params, obs)[0]))
+
+    def evaluate(state, step):
+        def first_seed_buffer():
+            size = int(state.buffer.size[0])
+            return {k: np.asarray(v[0, :size]) for k, v in state.buffer.data.items()}
+
+        return evaluator(state.actor_params, step), seem(
+            step, state.critic_params, lambda i, s: mean_action(common.tree_index(state.actor_params, i), s),
+            first_seed_buffer)
+
     step_fn = jax.jit(jax.vmap(partial(env_step, agent=agent, learning_starts=args.learning_starts),
                                in_axes=(0, 0, 0, None)), donate_argnums=0)
     state = common.train_online(
         run, state, envs, step_fn, jax.jit(jax.vmap(partial(first_action, agent=agent))),
-        lambda state, step: evaluate(state.actor_params, step), start=start, total=args.total_steps,
+        evaluate, start=start, total=args.total_steps,
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
         learning_starts=args.learning_starts, on_eval=snapshot)
     return run.finish()

@@ -31,7 +31,8 @@ def test_matrix_free_equals_dense(gamma, seed):
     q = SmallQ()
     params = q.init(jax.random.PRNGKey(seed), jnp.zeros((1, 3)), jnp.zeros((1, 2)))
     probe = _probe(48, seed=seed)
-    lam, lam_n = common.seem(q.apply, params, probe, gamma)
+    lam, lam_n, converged = common.seem(q.apply, params, probe, gamma)
+    assert converged
     lam_d, lam_nd, a = common.seem_dense(q.apply, params, probe, gamma)
     assert lam == pytest.approx(lam_d, rel=1e-3, abs=1e-7)
     # ‖A‖_F is a randomized estimate (32 probes): the ratio agrees within its error
@@ -55,7 +56,7 @@ def test_linear_q_closed_form(scale, gamma):
     f = np.concatenate([obs, act], -1).astype(np.float64)
     params = {"w": jnp.ones(5)}
     probe = (obs, act, scale * obs, scale * act)
-    lam, _ = common.seem(linear_q, params, probe, gamma)
+    lam, _, _ = common.seem(linear_q, params, probe, gamma)
     sv = np.linalg.svd(f, compute_uv=False)
     k = gamma * scale - 1
     expected = k * (sv.max() if k > 0 else sv.min()) ** 2 / 5
@@ -71,8 +72,8 @@ def test_sign_self_exciting_versus_stable():
     params = jax.tree_util.tree_map_with_path(
         lambda path, x: jnp.zeros_like(x) if "bias" in jax.tree_util.keystr(path) else x, params)
     obs, act, _, _ = _probe(24)
-    stable, _ = common.seem(q.apply, params, (obs, act, obs, act), 0.99)
-    exciting, exciting_n = common.seem(q.apply, params, (obs, act, 3 * obs, 3 * act), 0.99)
+    stable, _, _ = common.seem(q.apply, params, (obs, act, obs, act), 0.99)
+    exciting, exciting_n, _ = common.seem(q.apply, params, (obs, act, 3 * obs, 3 * act), 0.99)
     assert stable < 0 < exciting
     assert 0 < exciting_n <= 1
 
@@ -89,3 +90,11 @@ def test_seem_monitor_warns(capsys):
         out = monitor(step, params, lambda i, s: act)  # X* = X with γ = 2: A = ΦΦᵀ, positive
     assert out["seem"].shape == (2,) and np.all(out["seem"] > 0)
     assert "Q divergence predicted at step 20" in capsys.readouterr().err
+
+
+def test_arnoldi_ritz_values_of_a_known_matrix():
+    """The fallback: with m = n steps the Ritz values are the matrix's eigenvalues."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(12, 12))
+    ritz = common.arnoldi_ritz_values(lambda v: a @ v, 12, 12)
+    np.testing.assert_allclose(np.sort_complex(ritz), np.sort_complex(np.linalg.eigvals(a)), atol=1e-8)
