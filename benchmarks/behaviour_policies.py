@@ -58,6 +58,8 @@ def main() -> None:
     p.add_argument("env", choices=list(common.OFFLAX_ENVS))
     p.add_argument("run", type=Path, help="a SAC run folder with policies/step_*_seed*.npz")
     p.add_argument("--expert-step", type=int, help="snapshot step of the expert (default: the last)")
+    p.add_argument("--no-expert", action="store_true",
+                   help="the run has not reached its expert yet: write medium and medium-replay only")
     p.add_argument("--medium-return", type=float, help="target stochastic return of the medium policy")
     p.add_argument("--replay-segments", type=int, default=6, help="snapshots making up medium-replay")
     p.add_argument("--episodes", type=int, default=100, help="episodes per reported return")
@@ -73,7 +75,7 @@ def main() -> None:
 
     # medium: shortlist by the run's own training returns (stochastic), then measure the best few
     rows = {r["step"]: r for r in map(json.loads, (a.run / "metrics.jsonl").read_text().splitlines())}
-    candidates = [s for s in steps if s < expert_step and rows.get(s, {}).get("train_return_mean") is not None]
+    candidates = [s for s in steps if (s < expert_step or a.no_expert) and rows.get(s, {}).get("train_return_mean") is not None]
     candidates.sort(key=lambda s: abs(rows[s]["train_return_mean"] - target))
     measured = {s: stochastic_returns(env_id, load(snaps[s]), 20, a.seed).mean() for s in candidates[:4]}
     medium_step = min(measured, key=lambda s: abs(measured[s] - target))
@@ -99,7 +101,8 @@ def main() -> None:
         manifest["policies"][f"{a.env}/{name}"] = entry
 
     add("medium", medium_step)
-    add("expert", expert_step)
+    if not a.no_expert:
+        add("expert", expert_step)
     # medium-replay: warm-up, then the snapshots in between, each for the steps until the next one
     learning_starts = config["args"]["learning_starts"]
     manifest["policies"][f"{a.env}/warmup"] = {"kind": "uniform", "env_id": env_id,
@@ -112,12 +115,11 @@ def main() -> None:
         end = keep[i + 1] if i + 1 < len(keep) else medium_step
         add(f"replay_{s // 1000:04d}k", s, evaluate=False)
         recipe.append([f"{a.env}/replay_{s // 1000:04d}k", end - s])
-    manifest["datasets"].update({
-        f"{a.env}/medium": [[f"{a.env}/medium", 1_000_000]],
-        f"{a.env}/expert": [[f"{a.env}/expert", 1_000_000]],
-        f"{a.env}/medium-expert": [[f"{a.env}/medium", 1_000_000], [f"{a.env}/expert", 1_000_000]],
-        f"{a.env}/medium-replay": recipe,
-    })
+    manifest["datasets"].update({f"{a.env}/medium": [[f"{a.env}/medium", 1_000_000]], f"{a.env}/medium-replay": recipe})
+    if not a.no_expert:
+        manifest["datasets"].update({
+            f"{a.env}/expert": [[f"{a.env}/expert", 1_000_000]],
+            f"{a.env}/medium-expert": [[f"{a.env}/medium", 1_000_000], [f"{a.env}/expert", 1_000_000]]})
     (common.POLICY_DIR / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     print(f"  medium-replay: {sum(n for _, n in recipe):,} steps from {len(recipe)} segments")
 
