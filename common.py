@@ -527,13 +527,16 @@ class ReplayBuffer:
     def capacity(self) -> int:
         return jax.tree.leaves(self.data)[0].shape[0]
 
-    def add(self, transitions: dict) -> "ReplayBuffer":
-        """Adds a batch of transitions (leading axis), overwriting the oldest when full."""
+    def add(self, transitions: dict, count=None) -> "ReplayBuffer":
+        """Adds a batch of transitions (leading axis), overwriting the oldest when full. With
+        `count` (may be traced), only the first `count` rows are added: a variable-length
+        trajectory held in a fixed-size array."""
         k = jax.tree.leaves(transitions)[0].shape[0]
-        idx = (self.pos + jnp.arange(k)) % self.capacity
-        data = {name: self.data[name].at[idx].set(transitions[name]) for name in self.data}
-        return ReplayBuffer(data=data, size=jnp.minimum(self.size + k, self.capacity),
-                            pos=(self.pos + k) % self.capacity)
+        n = k if count is None else count
+        idx = jnp.where(jnp.arange(k) < n, (self.pos + jnp.arange(k)) % self.capacity, self.capacity)
+        data = {name: self.data[name].at[idx].set(transitions[name], mode="drop") for name in self.data}
+        return ReplayBuffer(data=data, size=jnp.minimum(self.size + n, self.capacity),
+                            pos=(self.pos + n) % self.capacity)
 
     def sample(self, key, batch_size: int) -> dict:
         idx = jax.random.randint(key, (batch_size,), 0, jnp.maximum(self.size, 1))
@@ -786,7 +789,10 @@ def resume_args(args):
                                 f"made by this script (runs/<algo>__<dataset>__<time>/)")
     saved = json.loads(path.read_text())["args"]
     fields = {f.name for f in dataclasses.fields(args)}
-    return dataclasses.replace(args, **{k: v for k, v in saved.items() if k in fields and k != "resume"})
+    # JSON has no tuples: give tuple-valued fields (network widths) their type back
+    saved = {k: tuple(v) if isinstance(v, list) and isinstance(getattr(args, k), tuple) else v
+             for k, v in saved.items() if k in fields and k != "resume"}
+    return dataclasses.replace(args, **saved)
 
 
 def seed_keys(seed: int, num_seeds: int) -> jax.Array:

@@ -391,11 +391,7 @@ def online_step(state: TrainState, transition, next_obs, t, offline, agent: Agen
 
     failure = None if a.sparse_failure_reward is None else a.sparse_failure_reward * a.reward_scale + a.reward_bias
     rows = dict(traj, mc_returns=common.trajectory_mc_returns(traj["rewards"], length, a.gamma, failure))
-    buf, max_len = state.buffer, traj["rewards"].shape[0]
-    idx = jnp.where(jnp.arange(max_len) < n, (buf.pos + jnp.arange(max_len)) % buf.capacity, buf.capacity)
-    buf = buf.replace(data={k: buf.data[k].at[idx].set(rows[k], mode="drop") for k in buf.data},
-                      size=jnp.minimum(buf.size + n, buf.capacity), pos=(buf.pos + n) % buf.capacity)
-    state = state.replace(buffer=buf, trajectory=traj, trajectory_length=length - n)
+    state = state.replace(buffer=state.buffer.add(rows, count=n), trajectory=traj, trajectory_length=length - n)
 
     def one_update(_, carry):
         state, sums = carry

@@ -377,12 +377,7 @@ def online_step(state: TrainState, transition, next_obs, t, offline, agent: Agen
     length = state.trajectory_length + 1
     n = jnp.where(transition["episode_ends"] > 0, length, 0)  # updates to run now
 
-    rows = traj
-    buf, max_len = state.buffer, traj["rewards"].shape[0]
-    idx = jnp.where(jnp.arange(max_len) < n, (buf.pos + jnp.arange(max_len)) % buf.capacity, buf.capacity)
-    buf = buf.replace(data={k: buf.data[k].at[idx].set(rows[k], mode="drop") for k in buf.data},
-                      size=jnp.minimum(buf.size + n, buf.capacity), pos=(buf.pos + n) % buf.capacity)
-    state = state.replace(buffer=buf, trajectory=traj, trajectory_length=length - n)
+    state = state.replace(buffer=state.buffer.add(traj, count=n), trajectory=traj, trajectory_length=length - n)
 
     def one_update(_, carry):
         state, sums = carry

@@ -73,3 +73,23 @@ def hopper_tiny(minari_root):
 
     common.build_offlax_dataset("offlax/hopper/random-v0", scale=0.002, progress=False)
     return "offlax/hopper/random-v0"
+
+
+@pytest.fixture
+def interrupt_after(monkeypatch):
+    """interrupt_after(step): the next run stops (KeyboardInterrupt) right after saving its
+    checkpoint at `step`, as if the machine went away; later runs save normally again."""
+    import common
+
+    save = common.Run.save
+
+    def arm(step):
+        def save_then_stop(self, state, at, extra=None):
+            save(self, state, at, extra)
+            if at == step:
+                monkeypatch.setattr(common.Run, "save", save)
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(common.Run, "save", save_then_stop)
+
+    return arm

@@ -45,20 +45,11 @@ def test_vmapped_seeds_equal_single_seed_runs(tmp_path, hopper_tiny):
         np.testing.assert_allclose(rb["returns"], r1["returns"] + r2["returns"], rtol=1e-4)
 
 
-def test_resume_equals_uninterrupted(tmp_path, hopper_tiny, monkeypatch):
+def test_resume_equals_uninterrupted(tmp_path, hopper_tiny, interrupt_after):
     full = _rows(bc.main(_args(tmp_path / "full", hopper_tiny, total_steps=400, num_seeds=2))["run"])
-
-    save = common.Run.save
-
-    def crash_after_200(self, state, step):
-        save(self, state, step)
-        if step == 200:
-            raise KeyboardInterrupt  # the machine went away after the checkpoint at step 200
-
-    monkeypatch.setattr(common.Run, "save", crash_after_200)
+    interrupt_after(200)
     with pytest.raises(KeyboardInterrupt):
         bc.main(_args(tmp_path / "cut", hopper_tiny, total_steps=400, num_seeds=2))
-    monkeypatch.setattr(common.Run, "save", save)
     (run_dir,) = (tmp_path / "cut").iterdir()
     resumed = _rows(bc.main(bc.Args(resume=str(run_dir)))["run"])
     assert [r["step"] for r in resumed] == [100, 200, 300, 400]

@@ -50,6 +50,17 @@ def test_replay_buffer_ring_and_seeding():
         common.ReplayBuffer.create(example, capacity=2, initial={"x": jnp.ones((3, 2))})
 
 
+def test_replay_buffer_adds_only_the_first_count_rows():
+    buf = common.ReplayBuffer.create({"x": jnp.zeros(())}, capacity=6)
+    buf = buf.add({"x": jnp.ones(4)}, count=0)  # a trajectory still being collected: nothing added
+    assert int(buf.size) == 0 and int(buf.pos) == 0
+    add = jax.jit(lambda b, t, n: b.add(t, count=n))
+    buf = add(buf, {"x": jnp.arange(1.0, 5.0)}, 3)  # rows 0-2 <- 1, 2, 3 (the 4 is not added)
+    buf = add(buf, {"x": jnp.arange(10.0, 14.0)}, jnp.asarray(4))  # rows 3, 4, 5, 0 <- 10..13
+    np.testing.assert_array_equal(np.asarray(buf.data["x"]), [13.0, 2.0, 3.0, 10.0, 11.0, 12.0])
+    assert int(buf.size) == 6 and int(buf.pos) == 1
+
+
 def test_sample_batch_is_uniform_over_the_data():
     data = _offline(10)
     batch = common.sample_batch(jax.random.PRNGKey(0), data, 20000)

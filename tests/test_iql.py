@@ -128,7 +128,7 @@ def test_iql_offline_and_online_smoke(tmp_path, hopper_tiny):
     assert rows[-1]["env_steps"] == 200 and np.isfinite(summary["last_mean"])
 
 
-def test_iql_online_resume_equals_uninterrupted(tmp_path, hopper_tiny, monkeypatch):
+def test_iql_online_resume_equals_uninterrupted(tmp_path, hopper_tiny, interrupt_after):
     def args(d, **kw):
         return iql.Args(dataset=hopper_tiny, total_steps=100, eval_every=100, online_steps=300, num_seeds=2,
                         eval_episodes=1, hidden=(16, 16), runs_dir=str(d), checkpoint_every=100, **kw)
@@ -136,17 +136,9 @@ def test_iql_online_resume_equals_uninterrupted(tmp_path, hopper_tiny, monkeypat
     timing = ("updates_per_s", "steps_per_s", "compile_s")
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
     full = strip(_rows(iql.main(args(tmp_path / "full"))["run"]))
-    save = common.Run.save
-
-    def crash_after_200(self, state, step, extra=None):
-        save(self, state, step, extra)
-        if step == 200:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(common.Run, "save", crash_after_200)
+    interrupt_after(200)
     with pytest.raises(KeyboardInterrupt):
         iql.main(args(tmp_path / "cut"))
-    monkeypatch.setattr(common.Run, "save", save)
     (run_dir,) = (tmp_path / "cut").iterdir()
     resumed = strip(_rows(iql.main(iql.Args(resume=str(run_dir)))["run"]))
     assert [r["step"] for r in resumed] == [100, 200, 300, 400]

@@ -60,20 +60,12 @@ def test_exported_policy_acts_like_the_actor(tmp_path):
     np.testing.assert_allclose(np.clip(h @ policy["log_std_w"] + policy["log_std_b"], -5, 2), log_std, atol=1e-5)
 
 
-def test_sac_resume_equals_uninterrupted(tmp_path, monkeypatch):
+def test_sac_resume_equals_uninterrupted(tmp_path, interrupt_after):
     """Exact resume of an online run: agent, replay buffer, RNG keys and the environments' state."""
     full = _rows(sac.main(_args(tmp_path / "full", num_seeds=2))["run"])
-    save = common.Run.save
-
-    def crash_after_1000(self, state, step, extra=None):
-        save(self, state, step, extra)
-        if step == 1000:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(common.Run, "save", crash_after_1000)
+    interrupt_after(1000)
     with pytest.raises(KeyboardInterrupt):
         sac.main(_args(tmp_path / "cut", num_seeds=2))
-    monkeypatch.setattr(common.Run, "save", save)
     (run_dir,) = (tmp_path / "cut").iterdir()
     resumed = _rows(sac.main(sac.Args(resume=str(run_dir)))["run"])
     assert [r["step"] for r in resumed] == [500, 1000, 1500, 2000]
