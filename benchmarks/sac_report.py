@@ -58,6 +58,7 @@ def main() -> None:
                         fontsize=8)
         ax.set_title(env_id)
         ax.set_xlabel("environment steps")
+        ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1000:.0f}k")
         ax.set_ylabel("return")
         ax.legend(fontsize=8, loc="lower right")
         lines.append(f"| {env_id} | {steps[-1]:,} | {rows[-1]['return_mean']:.0f} | "
