@@ -1084,6 +1084,11 @@ def compile_timed(fn, *example_args):
     return compiled, time.perf_counter() - t0
 
 
+def stack_seeds(tree, num_seeds: int):
+    """The same pytree for every seed (e.g. a replay buffer seeded with the dataset): a leading seed axis."""
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_seeds,) + jnp.shape(x)), tree)
+
+
 def tree_index(tree, i):
     """Seed i's slice of a seed-stacked pytree."""
     return jax.tree.map(lambda x: x[i], tree)

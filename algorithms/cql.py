@@ -428,9 +428,8 @@ def main(args: Args) -> dict:
         row = {k: data[k][0] for k in common.TRANSITION_KEYS}
         buffer = common.ReplayBuffer.create(row, args.online_steps)
         trajectory = {k: jnp.zeros((max_len,) + v.shape) for k, v in row.items()}
-        stack = lambda x: jnp.broadcast_to(x, (args.num_seeds,) + jnp.shape(x))  # noqa: E731
-        return state.replace(buffer=jax.tree.map(stack, buffer), trajectory=jax.tree.map(stack, trajectory),
-                             trajectory_length=stack(jnp.zeros((), jnp.int32)))
+        return state.replace(**common.stack_seeds(
+            {"buffer": buffer, "trajectory": trajectory, "trajectory_length": jnp.zeros((), jnp.int32)}, args.num_seeds))
 
     run = common.Run("cql", args, args.total_steps + args.online_steps,
                      (dataset.ref_min_score, dataset.ref_max_score))

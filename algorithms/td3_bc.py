@@ -304,7 +304,7 @@ def main(args: Args) -> dict:
         buffer = common.ReplayBuffer.create({k: data[k][0] for k in common.TRANSITION_KEYS},
                                             len(dataset) + args.online_steps,
                                             initial={k: data[k] for k in common.TRANSITION_KEYS})
-        return state.replace(buffer=jax.tree.map(lambda x: jnp.broadcast_to(x, (args.num_seeds,) + x.shape), buffer))
+        return state.replace(buffer=common.stack_seeds(buffer, args.num_seeds))
 
     run = common.Run("td3_bc", args, args.total_steps + args.online_steps,
                      (dataset.ref_min_score, dataset.ref_max_score))
