@@ -8,8 +8,8 @@ D4RL's recipe (README, "Data"), applied to one SAC run:
 - medium: the snapshot whose stochastic return is closest to --medium-return (default: D4RL's
   medium datasets' average for the environment), looked for among snapshots before the expert;
 - medium-replay: the run's replay buffer up to the medium point, rebuilt from its snapshots: the
-  uniform warm-up, then each of about --replay-segments snapshots collecting as many steps as the
-  run took between them, so that the mix of policies matches the buffer's.
+  uniform warm-up, then --replay-segments equal stretches of the buffer, each collected by the
+  snapshot nearest the stretch's midpoint, so that the mix of policies matches the buffer's.
 
 Each chosen policy is evaluated with its stochastic actions (as the data is collected) over
 --episodes episodes; the mean and std, training step, seed and the run's command go into
@@ -61,7 +61,7 @@ def main() -> None:
     p.add_argument("--no-expert", action="store_true",
                    help="the run has not reached its expert yet: write medium and medium-replay only")
     p.add_argument("--medium-return", type=float, help="target stochastic return of the medium policy")
-    p.add_argument("--replay-segments", type=int, default=6, help="snapshots making up medium-replay")
+    p.add_argument("--replay-segments", type=int, default=8, help="snapshots making up medium-replay")
     p.add_argument("--episodes", type=int, default=100, help="episodes per reported return")
     p.add_argument("--seed", type=int, default=12345)
     a = p.parse_args()
@@ -107,14 +107,17 @@ def main() -> None:
     learning_starts = config["args"]["learning_starts"]
     manifest["policies"][f"{a.env}/warmup"] = {"kind": "uniform", "env_id": env_id,
                                                 "note": "SAC's uniformly random warm-up steps"}
-    between = [s for s in steps if learning_starts <= s < medium_step]
-    keep = [between[i] for i in np.unique(np.linspace(0, len(between) - 1, a.replay_segments).round().astype(int))] \
-        if between else []
+    # The buffer's steps [learning_starts, medium_step) split into equal segments; each segment is
+    # collected by the snapshot nearest its midpoint, which stands for the improving policy of that
+    # stretch better than the snapshot at its start would (early policies improve fastest).
+    bounds = np.linspace(learning_starts, medium_step, a.replay_segments + 1).round().astype(int)
     recipe = [[f"{a.env}/warmup", learning_starts]]
-    for i, s in enumerate(keep):
-        end = keep[i + 1] if i + 1 < len(keep) else medium_step
-        add(f"replay_{s // 1000:04d}k", s, evaluate=False)
-        recipe.append([f"{a.env}/replay_{s // 1000:04d}k", end - s])
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        s = min(steps, key=lambda x: abs(x - (lo + hi) / 2))
+        name = f"replay_{s // 1000:04d}k"
+        if f"{a.env}/{name}" not in manifest["policies"]:
+            add(name, s, evaluate=False)
+        recipe.append([f"{a.env}/{name}", int(hi - lo)])
     manifest["datasets"].update({f"{a.env}/medium": [[f"{a.env}/medium", 1_000_000]], f"{a.env}/medium-replay": recipe})
     if not a.no_expert:
         manifest["datasets"].update({
