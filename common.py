@@ -386,7 +386,11 @@ def build_offlax_dataset(dataset_id: str, scale: float = 1.0, progress: bool = T
         code_permalink="benchmarks/make_datasets.py", author="offlax", author_email="offlax@localhost",
         description=f"{quality} data for {env_id}, D4RL's recipe; segments (policy, steps): {recipe}; "
                     f"scale {scale}", ref_min_score=ref_min, ref_max_score=ref_max, data_format="hdf5")
-    return time.time() - t0
+    seconds = time.time() - t0
+    (datasets_root() / dataset_id / "offlax_build.json").write_text(json.dumps(
+        {"seconds": round(seconds, 1), "steps": int(sum(len(e.rewards) for e in episodes)), "scale": scale,
+         "built": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": git_commit()}))
+    return seconds
 
 
 # --------------------------------------------------------------------------------------------

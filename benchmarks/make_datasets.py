@@ -11,7 +11,7 @@ kept unless --rebuild. The recipe is D4RL's (see README, "Data"); the build is d
 from __future__ import annotations
 
 import argparse
-import platform
+import json
 import shutil
 import subprocess
 import sys
@@ -48,6 +48,8 @@ def main() -> None:
             shutil.rmtree(path)
         if not (path / "data" / "metadata.json").exists():
             build_s = common.build_offlax_dataset(dataset_id)
+        if build_s is None and (path / "offlax_build.json").exists():
+            build_s = json.loads((path / "offlax_build.json").read_text())["seconds"]
         ds = common.load_dataset(dataset_id)
         ret = ds.episode_returns()
         rows.append((dataset_id, len(ds), len(ret), ret.mean(), ret.min(), ret.max(),
@@ -59,10 +61,11 @@ def main() -> None:
         lines = ["# offlax datasets", "",
                  f"Command: `python benchmarks/make_datasets.py {' '.join(sys.argv[1:])}`  ",
                  f"Commit: {commit}  ",
-                 f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, "
-                 f"{__import__('os').cpu_count()} cores, {platform.system()} ({time.strftime('%Y-%m-%d')})", "",
-                 "Normalised score uses D4RL's reference returns (0 = random, 100 = expert). Build time "
-                 "is blank for datasets that already existed.", "",
+                 f"Machine: {common.machine()} ({time.strftime('%Y-%m-%d')})", "",
+                 "Normalised score uses D4RL's reference returns (0 = random, 100 = expert); mean, min and max are "
+                 "over episodes (replay data holds many short early episodes, so its per-episode mean is low, as in "
+                 "D4RL's). Build time is the builder's wall time on this 2-core machine, often while other jobs ran "
+                 "(recorded in offlax_build.json beside each dataset).", "",
                  "| dataset | steps | episodes | mean return | min | max | normalised score | build (s) |",
                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
