@@ -60,7 +60,6 @@ def test_actor_log_prob_closed_form():
     """The authors' actor: N(tanh(μ(s)), σ²) with a state-independent σ, no tanh squashing."""
     actor = iql.Actor((8,), 2)
     params = actor.init(jax.random.PRNGKey(0), jnp.zeros((1, 3)))
-    params = jax.tree.map(lambda x: x, params)
     params["params"]["log_std"] = jnp.array([-0.5, 0.3])
     obs = jax.random.normal(jax.random.PRNGKey(1), (4, 3))
     a = jnp.array([[0.1, -0.2], [0.9, 0.0], [-0.5, 0.5], [0.0, 0.0]])
