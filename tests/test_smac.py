@@ -1,0 +1,148 @@
+"""SMAC: the action-gradient, the regulariser by hand, the diffusion model's score on a known
+Gaussian behaviour policy, the Muon split, and offline + online (SAC and TD3) smoke runs."""
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from algorithms import smac
+
+
+def _float64(tree):
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), tree)
+
+
+def test_action_gradient_and_its_theta_derivative_match_finite_differences():
+    """∇_a Q from `action_gradient` and d/dθ of the regulariser (second order) against central
+    differences, in float64 so that the differences are exact to ~1e-8."""
+    with jax.enable_x64(True):
+        critic = smac.TwinCritic((16, 16))
+        key = jax.random.PRNGKey(0)
+        obs = jax.random.normal(key, (5, 3), jnp.float64)
+        act = jax.random.uniform(jax.random.PRNGKey(1), (5, 2), jnp.float64, -1, 1)
+        params = _float64(critic.init(key, obs[:1].astype(jnp.float32), act[:1].astype(jnp.float32)))
+        grads = smac.action_gradient(critic, params, obs, act)
+        assert grads.shape == (2, 5, 2)
+        h = 1e-6
+        for j in range(2):
+            e = jnp.zeros(2).at[j].set(h)
+            fd = (critic.apply(params, obs, act + e) - critic.apply(params, obs, act - e)) / (2 * h)  # (2, B)
+            np.testing.assert_allclose(grads[..., j], fd, rtol=1e-6, atol=1e-8)
+
+        # the regulariser's gradient in θ (through ∇_a Q) along a random direction
+        eps = jax.random.normal(jax.random.PRNGKey(2), (5, 2), jnp.float64)
+        scale = jnp.linspace(-1.0, 1.0, 5)
+
+        def loss(p):
+            return smac.score_matching_loss(smac.action_gradient(critic, p, obs, act), scale, eps)
+
+        leaves, treedef = jax.tree.flatten(params)
+        direction = jax.tree.unflatten(treedef, [jax.random.normal(jax.random.PRNGKey(3 + i), x.shape, jnp.float64)
+                                                 for i, x in enumerate(leaves)])
+        analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(jax.grad(loss)(params)),
+                                                        jax.tree.leaves(direction)))
+        shift = lambda s: jax.tree.map(lambda p, d: p + s * d, params, direction)  # noqa: E731
+        numeric = (loss(shift(1e-6)) - loss(shift(-1e-6))) / 2e-6
+        np.testing.assert_allclose(analytic, numeric, rtol=1e-5)
+
+
+def test_score_matching_loss_by_hand():
+    # 2 critics, 2 samples, |A| = 2
+    grad_q = jnp.array([[[1.0, 2.0], [0.0, -1.0]],
+                        [[3.0, 0.0], [1.0, 1.0]]])
+    scale = jnp.array([2.0, -1.0])
+    eps = jnp.array([[0.5, 1.0], [1.0, 0.0]])
+    # α ε: sample 0 -> (1, 2); sample 1 -> (-1, 0)
+    # critic 1: ‖(0, 0)‖² = 0, ‖(1, −1)‖² = 2 -> mean 1;  critic 2: ‖(2, −2)‖² = 8, ‖(2, 1)‖² = 5 -> mean 6.5
+    assert float(smac.score_matching_loss(grad_q, scale, eps)) == pytest.approx(7.5)
+
+
+def test_diffusion_model_recovers_the_score_of_a_gaussian_behaviour_policy():
+    """Behaviour a = μ(s) + σ n, μ(s) = 0.5 s, σ = 0.2. At the first noise step the model's score
+    −ε_ω/√(1 − ᾱ_1) must match the analytic score of the k = 1 marginal, a Gaussian with mean
+    √ᾱ_1 μ and variance ᾱ_1 σ² + 1 − ᾱ_1 (the behaviour score −(a − μ)/σ², smoothed by the first
+    step's noise, which vanishes as ᾱ_1 → 1)."""
+    sigma, T = 0.2, 5
+    model = smac.NoiseModel(action_dim=1, hidden=64, blocks=2)
+    alpha_bar = smac.vp_schedule(T)
+    tx = optax.adam(1e-3)
+    key = jax.random.PRNGKey(0)
+    params = model.init(key, jnp.zeros((1, 1)), jnp.zeros((1, 1)), jnp.zeros(1), jnp.ones(1, jnp.int32))
+    opt = tx.init(params)
+
+    @jax.jit
+    def train(params, opt, key):
+        def body(carry, key):
+            params, opt = carry
+            k_s, k_n, k_loss = jax.random.split(key, 3)
+            s = jax.random.uniform(k_s, (512, 1), minval=-1, maxval=1)
+            a = 0.5 * s + sigma * jax.random.normal(k_n, s.shape)
+            loss, g = jax.value_and_grad(smac.diffusion_loss, argnums=1)(model, params, alpha_bar, s, a,
+                                                                         jnp.zeros(512), k_loss)
+            updates, opt = tx.update(g, opt)
+            return (optax.apply_updates(params, updates), opt), loss
+        return jax.lax.scan(body, (params, opt), jax.random.split(key, 2000))
+
+    (params, _), losses = train(params, opt, key)
+    s = jnp.repeat(jnp.array([-0.6, 0.0, 0.6]), 5)[:, None]
+    mu = 0.5 * s
+    ab1 = float(alpha_bar[0])
+    a = jnp.sqrt(ab1) * mu + jnp.tile(jnp.array([-0.4, -0.2, 0.0, 0.2, 0.4]), 3)[:, None]
+    model_score = smac.behaviour_score(model, params, alpha_bar, s, a, jnp.zeros(15))
+    exact = -(a - jnp.sqrt(ab1) * mu) / (ab1 * sigma ** 2 + 1 - ab1)
+    # within 10% of the score's range over the test points (the score spans about ±1.8 here)
+    err = float(jnp.max(jnp.abs(model_score - exact)))
+    assert err < 0.1 * float(jnp.max(jnp.abs(exact))), (err, np.c_[model_score, exact])
+    # and the direction of the behaviour score itself: pointing back to μ(s)
+    assert np.all(np.sign(np.asarray(model_score))[np.abs(np.asarray(a - mu)) > 0.15]
+                  == -np.sign(np.asarray(a - mu))[np.abs(np.asarray(a - mu)) > 0.15])
+
+
+def test_muon_on_hidden_kernels_adam_elsewhere():
+    args = smac.Args(optimizer="muon")
+    critic = smac.TwinCritic((8, 8))
+    params = critic.init(jax.random.PRNGKey(0), jnp.zeros((1, 3)), jnp.zeros((1, 2)))
+    tx = smac.make_optimizer(args, 1e-3)
+    state = tx.init(params)
+    leaves, treedef = jax.tree.flatten(params)
+    grads = jax.tree.unflatten(treedef, [jax.random.normal(jax.random.PRNGKey(i), x.shape)
+                                         for i, x in enumerate(leaves)])
+    updates, _ = tx.update(grads, state, params)
+    # Muon: the hidden kernel's step is orthogonalised (singular values all about equal), which
+    # an elementwise step of a random gradient is not; Adam's first step on the output layer and
+    # the biases is elementwise: every entry has the same magnitude
+    sv = np.linalg.svd(np.asarray(updates["params"]["q1"]["Dense_1"]["kernel"]), compute_uv=False)
+    assert sv.max() / sv.min() < 2.0, sv
+    sv_adam = np.linalg.svd(np.sign(np.asarray(grads["params"]["q1"]["Dense_1"]["kernel"])), compute_uv=False)
+    assert sv_adam.max() / sv_adam.min() > 5.0  # the elementwise alternative would fail the check above
+    for leaf in (updates["params"]["q1"]["out"]["kernel"], updates["params"]["q1"]["Dense_0"]["bias"]):
+        np.testing.assert_allclose(np.abs(leaf), np.abs(leaf).max(), rtol=1e-4)
+
+
+def _small(**kw):
+    return smac.Args(hidden=(32, 32), score_hidden=32, score_blocks=1, batch_size=64, eval_episodes=2, **kw)
+
+
+@pytest.mark.parametrize("online_algo,optimizer", [("sac", "muon"), ("td3", "adam")])
+def test_smac_offline_then_online_smoke(tmp_path, hopper_tiny, online_algo, optimizer):
+    summary = smac.main(_small(dataset=hopper_tiny, score_steps=200, total_steps=200, eval_every=100,
+                               online_steps=200, online_algo=online_algo, optimizer=optimizer, num_seeds=2,
+                               checkpoint_every=100, runs_dir=str(tmp_path)))
+    rows = [json.loads(x) for x in (Path(summary["run"]) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in rows] == ["offline", "offline", "online", "online"]
+    assert all(np.all(np.isfinite(r["critic_loss"])) for r in rows)
+    assert rows[0]["sm_loss"][0] > 0  # the regulariser is on offline
+    assert json.loads((Path(summary["run"]) / "score_model.json").read_text())["updates"] == 200
+    assert np.isfinite(summary["last_mean"])
+
+
+def test_smac_bad_args(tmp_path, hopper_tiny):
+    with pytest.raises(SystemExit, match="kappa"):
+        smac.main(_small(dataset=hopper_tiny, kappa=-1.0, runs_dir=str(tmp_path)))
+    with pytest.raises(SystemExit, match="multiples"):
+        smac.main(_small(dataset=hopper_tiny, total_steps=150, eval_every=100, runs_dir=str(tmp_path)))
