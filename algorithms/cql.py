@@ -406,6 +406,15 @@ def first_action(state: TrainState, obs, agent: Agent):
 # Main
 # ---------------------------------------------------------------------------------------------
 
+def make_agent(args: Args, obs_dim: int, act_dim: int) -> Agent:
+    return Agent(actor=Actor(args.hidden, act_dim, args.orthogonal_init),
+                 critic=TwinCritic(args.critic_hidden, args.orthogonal_init, args.critic_layernorm),
+                 actor_tx=optax.adam(args.policy_lr), critic_tx=optax.adam(args.qf_lr),
+                 alpha_tx=optax.adam(args.policy_lr), alpha_prime_tx=optax.adam(args.qf_lr), args=args,
+                 action_dim=act_dim,
+                 target_entropy=-float(act_dim) if args.target_entropy is None else args.target_entropy)
+
+
 def main(args: Args) -> dict:
     args = common.resume_args(args)
     check_args(args)
@@ -414,12 +423,7 @@ def main(args: Args) -> dict:
     data = common.device_arrays(dataset, reward_scale=args.reward_scale, reward_bias=args.reward_bias)
     obs_dim, act_dim = dataset.observations.shape[1], dataset.actions.shape[1]
 
-    agent = Agent(actor=Actor(args.hidden, act_dim, args.orthogonal_init),
-                  critic=TwinCritic(args.critic_hidden, args.orthogonal_init, args.critic_layernorm),
-                  actor_tx=optax.adam(args.policy_lr), critic_tx=optax.adam(args.qf_lr),
-                  alpha_tx=optax.adam(args.policy_lr), alpha_prime_tx=optax.adam(args.qf_lr), args=args,
-                  action_dim=act_dim,
-                  target_entropy=-float(act_dim) if args.target_entropy is None else args.target_entropy)
+    agent = make_agent(args, obs_dim, act_dim)
     state = jax.vmap(lambda k: create_state(k, agent, obs_dim))(common.seed_keys(args.seed, args.num_seeds))
 
     max_len = gym.make(dataset.env_spec).spec.max_episode_steps if args.online_steps else 0

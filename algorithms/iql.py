@@ -341,13 +341,24 @@ def first_action(state: TrainState, obs, agent: Agent):
 # Main
 # ---------------------------------------------------------------------------------------------
 
-def main(args: Args) -> dict:
-    args = common.resume_args(args)
-    check_args(args)
-    expectile, temperature, dropout, reward_kind = FAMILIES[args.family]
+def make_agent(args: Args, obs_dim: int, act_dim: int) -> Agent:
+    """Networks, optimisers and the family's τ, β and dropout (explicit flags win)."""
+    expectile, temperature, dropout, _ = FAMILIES[args.family]
     expectile = expectile if args.expectile is None else args.expectile
     temperature = temperature if args.temperature is None else args.temperature
     dropout = (dropout or 0.0) if args.dropout is None else args.dropout
+    decay = (args.online_steps == 0) if args.cosine_decay is None else args.cosine_decay
+    actor_lr = optax.cosine_decay_schedule(args.actor_lr, args.total_steps) if decay else args.actor_lr
+    return Agent(actor=Actor(args.hidden, act_dim, dropout), critic=TwinCritic(args.hidden, args.critic_layernorm),
+                 value=ValueCritic(args.hidden, args.critic_layernorm), actor_tx=optax.adam(actor_lr),
+                 critic_tx=optax.adam(args.critic_lr), value_tx=optax.adam(args.value_lr), expectile=expectile,
+                 temperature=temperature, gamma=args.gamma, polyak=args.polyak, batch_size=args.batch_size)
+
+
+def main(args: Args) -> dict:
+    args = common.resume_args(args)
+    check_args(args)
+    reward_kind = FAMILIES[args.family][3]
 
     dataset = common.load_dataset(args.dataset)
     reward_scale, reward_bias = {"normalize": (common.iql_reward_scale(dataset), 0.0),
@@ -356,12 +367,7 @@ def main(args: Args) -> dict:
     data = common.device_arrays(dataset, reward_scale=reward_scale, reward_bias=reward_bias)
     obs_dim, act_dim = dataset.observations.shape[1], dataset.actions.shape[1]
 
-    decay = (args.online_steps == 0) if args.cosine_decay is None else args.cosine_decay
-    actor_lr = optax.cosine_decay_schedule(args.actor_lr, args.total_steps) if decay else args.actor_lr
-    agent = Agent(actor=Actor(args.hidden, act_dim, dropout), critic=TwinCritic(args.hidden, args.critic_layernorm),
-                  value=ValueCritic(args.hidden, args.critic_layernorm), actor_tx=optax.adam(actor_lr),
-                  critic_tx=optax.adam(args.critic_lr), value_tx=optax.adam(args.value_lr), expectile=expectile,
-                  temperature=temperature, gamma=args.gamma, polyak=args.polyak, batch_size=args.batch_size)
+    agent = make_agent(args, obs_dim, act_dim)
     state = jax.vmap(lambda k: create_state(k, agent, obs_dim, act_dim))(common.seed_keys(args.seed, args.num_seeds))
 
     def with_buffer(state):  # the online phase's buffer starts with the whole (transformed) dataset

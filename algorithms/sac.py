@@ -293,6 +293,14 @@ def export_policy(params, path: Path, hidden: tuple[int, ...], action_dim: int) 
 # Main: the online loop (environments stepped in Python, everything else jitted)
 # ---------------------------------------------------------------------------------------------
 
+def make_agent(args: Args, obs_dim: int, act_dim: int) -> Agent:
+    return Agent(actor=Actor(args.hidden, act_dim), critic=TwinCritic(args.hidden),
+                 actor_tx=optax.adam(args.actor_lr), critic_tx=optax.adam(args.critic_lr),
+                 alpha_tx=optax.adam(args.alpha_lr), gamma=args.gamma, tau=args.tau,
+                 target_entropy=-float(act_dim) if args.target_entropy is None else args.target_entropy,
+                 batch_size=args.batch_size)
+
+
 def main(args: Args) -> dict:
     args = common.resume_args(args)
     check_args(args)
@@ -301,11 +309,7 @@ def main(args: Args) -> dict:
     obs_dim = envs.single_observation_space.shape[0]
     act_dim = envs.single_action_space.shape[0]
 
-    agent = Agent(actor=Actor(args.hidden, act_dim), critic=TwinCritic(args.hidden),
-                  actor_tx=optax.adam(args.actor_lr), critic_tx=optax.adam(args.critic_lr),
-                  alpha_tx=optax.adam(args.alpha_lr), gamma=args.gamma, tau=args.tau,
-                  target_entropy=-float(act_dim) if args.target_entropy is None else args.target_entropy,
-                  batch_size=args.batch_size)
+    agent = make_agent(args, obs_dim, act_dim)
     keys = common.seed_keys(args.seed, args.num_seeds)
     state = jax.vmap(lambda k: create_state(k, agent, obs_dim, act_dim, args))(keys)
 

@@ -528,6 +528,16 @@ def trajectory_return_signal(dataset: common.Dataset) -> np.ndarray:
     return np.repeat(w, lengths).astype(np.float32)
 
 
+def make_agent(args: Args, obs_dim: int, act_dim: int) -> Agent:
+    return Agent(actor=Actor(args.hidden, act_dim), critic=TwinCritic(args.hidden, args.critic_layernorm),
+                 scale=ScoreScale(args.hidden), noise_model=NoiseModel(act_dim, args.score_hidden, args.score_blocks),
+                 actor_tx=make_optimizer(args, args.actor_lr), critic_tx=make_optimizer(args, args.critic_lr),
+                 alpha_tx=optax.adam(args.alpha_lr), score_tx=optax.adam(args.score_lr),
+                 alpha_bar=tuple(np.asarray(vp_schedule(args.diffusion_steps)).tolist()), args=args,
+                 action_dim=act_dim,
+                 target_entropy=-float(act_dim) if args.target_entropy is None else args.target_entropy)
+
+
 def main(args: Args) -> dict:
     args = common.resume_args(args)
     check_args(args)
@@ -536,13 +546,7 @@ def main(args: Args) -> dict:
     data = common.device_arrays(dataset, extra={"w": w})
     obs_dim, act_dim = dataset.observations.shape[1], dataset.actions.shape[1]
 
-    agent = Agent(actor=Actor(args.hidden, act_dim), critic=TwinCritic(args.hidden, args.critic_layernorm),
-                  scale=ScoreScale(args.hidden), noise_model=NoiseModel(act_dim, args.score_hidden, args.score_blocks),
-                  actor_tx=make_optimizer(args, args.actor_lr), critic_tx=make_optimizer(args, args.critic_lr),
-                  alpha_tx=optax.adam(args.alpha_lr), score_tx=optax.adam(args.score_lr),
-                  alpha_bar=tuple(np.asarray(vp_schedule(args.diffusion_steps)).tolist()), args=args,
-                  action_dim=act_dim,
-                  target_entropy=-float(act_dim) if args.target_entropy is None else args.target_entropy)
+    agent = make_agent(args, obs_dim, act_dim)
     state = jax.vmap(lambda k: create_state(k, agent, obs_dim))(common.seed_keys(args.seed, args.num_seeds))
 
     def online_state(state):  # online buffer; TD3's target actor starts as the offline actor

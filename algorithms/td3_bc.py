@@ -283,6 +283,12 @@ def first_action(state: TrainState, obs, obs_mean, obs_std, agent: Agent):
 # Main
 # ---------------------------------------------------------------------------------------------
 
+def make_agent(args: Args, obs_dim: int, act_dim: int) -> Agent:
+    tx = optax.adam(args.lr) if args.optimizer == "adam" else optax.sgd(args.lr)
+    return Agent(actor=Actor(args.hidden, act_dim), critic=TwinCritic(args.hidden, args.critic_layernorm), tx=tx,
+                 args=args)
+
+
 def main(args: Args) -> dict:
     args = common.resume_args(args)
     check_args(args)
@@ -295,9 +301,7 @@ def main(args: Args) -> dict:
         obs_mean, obs_std = np.zeros(obs_dim, np.float32), np.ones(obs_dim, np.float32)
     data = common.device_arrays(dataset, obs_mean, obs_std)
 
-    tx = optax.adam(args.lr) if args.optimizer == "adam" else optax.sgd(args.lr)
-    agent = Agent(actor=Actor(args.hidden, act_dim), critic=TwinCritic(args.hidden, args.critic_layernorm), tx=tx,
-                  args=args)
+    agent = make_agent(args, obs_dim, act_dim)
     state = jax.vmap(lambda k: create_state(k, agent, obs_dim, act_dim))(common.seed_keys(args.seed, args.num_seeds))
 
     def with_buffer(state):
