@@ -336,12 +336,40 @@ def collect_episodes(env_id: str, policy: dict, num_steps: int, seed: int, num_e
     return episodes
 
 
+def _built_segment(env_name, manifest, name, steps, scale, env_id, policy, seed):
+    """The episodes of segment [name, steps] taken from an already built dataset whose whole recipe
+    is that segment (medium-expert = the medium and expert datasets), or None. The stored data
+    are trusted only if re-collecting their first episode (same policy, same seed) reproduces it
+    exactly, so a stale dataset from an older policy file is never reused."""
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    for quality, recipe in manifest["datasets"].items():
+        dataset_id = f"offlax/{quality}-v0"
+        build = datasets_root() / dataset_id / "offlax_build.json"
+        if not quality.startswith(f"{env_name}/") or recipe != [[name, steps]] or not build.exists() \
+                or json.loads(build.read_text()).get("scale") != scale:
+            continue
+        stored = [EpisodeBuffer(id=i, observations=ep.observations, actions=ep.actions, rewards=list(ep.rewards),
+                                terminations=list(ep.terminations), truncations=list(ep.truncations))
+                  for i, ep in enumerate(minari.load_dataset(dataset_id).iterate_episodes())]
+        if not stored:
+            return None
+        check = collect_episodes(env_id, policy, len(stored[0].rewards), seed)
+        if len(check) == 1 and all(np.array_equal(np.asarray(getattr(check[0], f), np.float32),
+                                                  np.asarray(getattr(stored[0], f), np.float32))
+                                   for f in ("observations", "actions", "rewards")):
+            return stored
+    return None
+
+
 def build_offlax_dataset(dataset_id: str, scale: float = 1.0, progress: bool = True):
     """Builds `offlax/<env>/<quality>-v0` from its recipe in benchmarks/policies/manifest.json.
 
     A recipe is a list of segments [policy name, steps]; each segment is collected with a seed
     derived from the policy name and the segment's position among that policy's segments, so that
-    medium-expert equals medium followed by expert. `scale` shrinks every segment (tests).
+    medium-expert equals medium followed by expert (and takes their episodes from the medium and
+    expert datasets when those are built, after checking them). `scale` shrinks every segment (tests).
     """
     import minari
 
@@ -374,8 +402,13 @@ def build_offlax_dataset(dataset_id: str, scale: float = 1.0, progress: bool = T
         policy = {"kind": "uniform"} if info["kind"] == "uniform" else dict(np.load(POLICY_DIR / info["file"]))
         policy["kind"] = info["kind"]
         seed = zlib.crc32(name.encode()) + 7919 * seen.get(name, 0)
+        first = seen.get(name, 0) == 0
         seen[name] = seen.get(name, 0) + 1
-        episodes += collect_episodes(env_id, policy, int(round(steps * scale)), seed, progress=report)
+        n = int(round(steps * scale))
+        reused = _built_segment(env_name, manifest, name, steps, scale, env_id, policy, seed) if first else None
+        if reused is not None:
+            report(sum(len(e.rewards) for e in reused))
+        episodes += reused if reused is not None else collect_episodes(env_id, policy, n, seed, progress=report)
     if progress:
         print(f"\rbuilt {dataset_id}: {sum(len(e.rewards) for e in episodes):,} steps in "
               f"{len(episodes):,} episodes ({time.time() - t0:.0f}s)", file=sys.stderr)

@@ -215,3 +215,29 @@ def test_missing_offlax_id_is_built_on_first_use(minari_root, monkeypatch):
     ds = common.load_dataset("offlax/halfcheetah/random-v0")
     assert len(ds) == 1000 and ds.episode_ends.sum() == 1  # HalfCheetah never terminates
     assert ds.ref_max_score == 12135.0
+
+
+def test_medium_expert_reuses_built_parts_and_equals_a_fresh_build(minari_root):
+    """medium-expert = medium followed by expert: built from the stored parts (after checking
+    them) it equals a build that collects everything again."""
+    import shutil
+
+    ids = [f"offlax/hopper/{q}-v0" for q in ("medium", "expert", "medium-expert")]
+    for i in ids:
+        shutil.rmtree(minari_root / i, ignore_errors=True)
+    common.build_offlax_dataset(ids[2], scale=0.002, progress=False)  # nothing to reuse: collected
+    fresh = common.load_dataset(ids[2]).arrays()
+    shutil.rmtree(minari_root / ids[2])
+    for i in ids[:2]:
+        common.build_offlax_dataset(i, scale=0.002, progress=False)
+    calls = []
+    original = common.collect_episodes
+    common.collect_episodes = lambda *a, **k: calls.append(a[2]) or original(*a, **k)
+    try:
+        common.build_offlax_dataset(ids[2], scale=0.002, progress=False)
+    finally:
+        common.collect_episodes = original
+    reused = common.load_dataset(ids[2]).arrays()
+    assert max(calls) < 2000  # only the one-episode checks ran, not the 2,000-step segments
+    for k in common.FIELDS:
+        np.testing.assert_array_equal(fresh[k], reused[k])
