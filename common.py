@@ -793,11 +793,16 @@ def seem_dense(q_fn: Callable, params, probe: tuple, gamma: float) -> tuple[floa
 
 class SeemMonitor:
     """SEEM every `every` steps on a probe of N dataset transitions drawn once, for every seed;
-    warns when it stays positive (two measurements in a row) that Q divergence is predicted."""
+    warns when it stays positive (two measurements in a row) that Q divergence is predicted.
+
+    "Positive" means λ/‖A‖_F > `threshold` (1e-3): a stable critic's rightmost eigenvalues sit
+    within a few 1e-6·‖A‖_F of 0, where their sign is numerical noise (benchmarks/results/
+    seem_cost.md), while self-exciting critics reach 0.1 to 0.8."""
 
     def __init__(self, every: int, data: dict | None, q_fn: Callable, gamma: float, num_probe: int = 2560,
-                 seed: int = 0):
+                 seed: int = 0, threshold: float = 1e-3):
         self.every, self.q_fn, self.gamma, self.num_probe, self.seed = every, q_fn, gamma, num_probe, seed
+        self.threshold = threshold
         self.probe = None
         if data is not None:
             self.draw(data)
@@ -825,7 +830,7 @@ class SeemMonitor:
             out["seem"].append(lam)
             out["seem_normalized"].append(lam_n)
             out["seem_converged"].append(float(converged))
-            self.positive[i] = self.positive.get(i, 0) + 1 if lam > 0 else 0
+            self.positive[i] = self.positive.get(i, 0) + 1 if lam_n > self.threshold else 0
             if self.positive[i] == 2:
                 print(f"\nwarning: SEEM has stayed positive ({lam_n:.3f} normalised) for seed index {i}: Q divergence "
                       f"predicted at step {step}. Consider --critic-layernorm or a smaller discount.",

@@ -107,6 +107,10 @@ def test_seem_monitor_warns(capsys):
         out = monitor(step, params, lambda i, s: act)  # X* = X with γ = 2: A = ΦΦᵀ, positive
     assert out["seem"].shape == (2,) and np.all(out["seem"] > 0)
     assert "Q divergence predicted at step 20" in capsys.readouterr().err
+    stable = common.SeemMonitor(10, data, q.apply, gamma=0.5, num_probe=20)  # A = −ΦΦᵀ/2: no warning
+    for step in (10, 20, 30):
+        out = stable(step, params, lambda i, s: act)
+    assert np.all(out["seem_normalized"] < 0) and "predicted" not in capsys.readouterr().err
 
 
 def test_arnoldi_ritz_values_of_a_known_matrix():
