@@ -387,8 +387,8 @@ def sac_update(state: TrainState, batch, agent: Agent, kappa: float):
         policy_a, _ = sample_action(agent.actor, state.actor_params, obs[:half], k_sm)
         uniform_a = jax.random.uniform(k_uniform, (B - half, agent.action_dim), minval=-1.0, maxval=1.0)
         sm_actions = jnp.concatenate([policy_a, uniform_a])
-        sm_eps = agent.noise_model.apply(state.score_params, obs, sm_actions, jnp.full((B,), a.score_w),
-                                         jnp.ones((B,), jnp.int32))
+        w = jnp.full((B,), a.score_w if a.score_condition else 0.0)  # unconditioned models were trained at w = 0
+        sm_eps = agent.noise_model.apply(state.score_params, obs, sm_actions, w, jnp.ones((B,), jnp.int32))
 
     def critic_loss(params):
         critic_params, scale_params = params
