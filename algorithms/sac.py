@@ -12,7 +12,7 @@ Q_θ1, Q_θ2 with Polyak-averaged targets Q_θ̄i, and a temperature α tuned to
 Defaults are the usual MuJoCo ones (256x256 networks, Adam 3e-4, batch 256, γ 0.99, τ 0.005,
 one update per environment step after 10,000 uniformly random warm-up steps). This script also
 trains the behaviour policies of the offlax datasets: `--snapshot-every` saves the actor of every
-seed during training in the format `common.policy_actions` reads.
+seed during training in the format `benchmarks/offlax_suite.policy_actions` reads.
 
 Run: python -m algorithms.sac --env-id Hopper-v5 --total-steps 1000000 --snapshot-every 25000
 """
@@ -274,7 +274,7 @@ def first_action(state: TrainState, obs, agent: Agent):
 
 
 def export_policy(params, path: Path, hidden: tuple[int, ...], action_dim: int) -> None:
-    """Saves one seed's actor as plain float32 arrays in common.policy_actions' format."""
+    """Saves one seed's actor as plain float32 arrays in benchmarks/offlax_suite.policy_actions' format."""
     p = params["params"]
     arrays = {"num_hidden": np.asarray(len(hidden)), "log_std_min": np.float32(LOG_STD_MIN),
               "log_std_max": np.float32(LOG_STD_MAX)}

@@ -28,6 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+from benchmarks import offlax_suite  # noqa: E402
 
 # D4RL's medium datasets average roughly these returns (shared/reference/data.md; issue 3).
 MEDIUM_RETURN = {"hopper": 1400.0, "halfcheetah": 4800.0, "walker2d": 2900.0}
@@ -43,7 +44,7 @@ def stochastic_returns(env_id: str, policy: dict, episodes: int, seed: int) -> n
     obs, _ = envs.reset(seed=[common.episode_seed(seed, 0, j) for j in range(episodes)])
     returns, done = np.zeros(episodes), np.zeros(episodes, bool)
     while not done.all():
-        obs, r, term, trunc, _ = envs.step(common.policy_actions(policy, obs, rng, low, high))
+        obs, r, term, trunc, _ = envs.step(offlax_suite.policy_actions(policy, obs, rng, low, high))
         returns += np.where(done, 0.0, r)
         done |= term | trunc
     return returns
@@ -81,11 +82,11 @@ def main() -> None:
     medium_step = min(measured, key=lambda s: abs(measured[s] - target))
     print(f"{a.env}: medium at step {medium_step} (20-episode return {measured[medium_step]:.0f}, target {target:.0f})")
 
-    out = common.POLICY_DIR / a.env
+    out = offlax_suite.POLICY_DIR / a.env
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.npz"):
         old.unlink()
-    manifest = common.load_policy_manifest()
+    manifest = offlax_suite.load_policy_manifest()
     manifest["policies"] = {k: v for k, v in manifest["policies"].items() if not k.startswith(f"{a.env}/")
                             or k == f"{a.env}/random"}
     command = f"python -m algorithms.sac {' '.join(config['command'].split()[1:])}"
@@ -123,7 +124,7 @@ def main() -> None:
         manifest["datasets"].update({
             f"{a.env}/expert": [[f"{a.env}/expert", 1_000_000]],
             f"{a.env}/medium-expert": [[f"{a.env}/medium", 1_000_000], [f"{a.env}/expert", 1_000_000]]})
-    (common.POLICY_DIR / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (offlax_suite.POLICY_DIR / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     print(f"  medium-replay: {sum(n for _, n in recipe):,} steps from {len(recipe)} segments")
 
 

@@ -21,10 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+from benchmarks import offlax_suite  # noqa: E402
 
 
 def all_ids() -> list[str]:
-    recipes = common.load_policy_manifest()["datasets"]
+    recipes = offlax_suite.load_policy_manifest()["datasets"]
     return [f"offlax/{env}/{q}-v0" for env in common.OFFLAX_ENVS for q in common.OFFLAX_QUALITIES
             if f"{env}/{q}" in recipes]
 
@@ -46,7 +47,7 @@ def main() -> None:
         if a.rebuild and path.exists():
             shutil.rmtree(path)
         if not (path / "data" / "metadata.json").exists():
-            build_s = common.build_offlax_dataset(dataset_id)
+            build_s = offlax_suite.build_offlax_dataset(dataset_id)
         if build_s is None and (path / "offlax_build.json").exists():
             build_s = json.loads((path / "offlax_build.json").read_text())["seconds"]
         ds = common.load_dataset(dataset_id)

@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
+from benchmarks import offlax_suite  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -51,7 +51,7 @@ def main() -> None:
         ax.plot([r["step"] for r in rows if r.get("train_return_mean") is not None],
                 [r["train_return_mean"] for r in rows if r.get("train_return_mean") is not None],
                 label="training episodes (stochastic)", alpha=0.7)
-        for name, info in common.load_policy_manifest()["policies"].items():
+        for name, info in offlax_suite.load_policy_manifest()["policies"].items():
             if info.get("env_id") == env_id and "train_steps" in info and "replay" not in name:
                 ax.axvline(info["train_steps"], color="grey", ls="--", lw=0.8)
                 ax.text(info["train_steps"], ax.get_ylim()[1] * 0.95, name.split("/")[1], rotation=90, va="top",
@@ -70,11 +70,11 @@ def main() -> None:
               "Returns are of the stochastic policy (as the data is collected), over the stated number of "
               "episodes, by `benchmarks/behaviour_policies.py`; replay snapshots are not evaluated.", "",
               "| policy | kind | training steps | return mean ± std | episodes |", "|---|---|---:|---:|---:|"]
-    for name, info in sorted(common.load_policy_manifest()["policies"].items()):
+    for name, info in sorted(offlax_suite.load_policy_manifest()["policies"].items()):
         ret = f"{info['return_mean']:.0f} ± {info['return_std']:.0f}" if "return_mean" in info else ""
         lines.append(f"| {name} | {info['kind']} | {info.get('train_steps', '')} | {ret} | {info.get('episodes', '')} |")
     lines += ["", "## Dataset recipes", "", "| dataset | segments (policy, steps) |", "|---|---|"]
-    for name, recipe in sorted(common.load_policy_manifest()["datasets"].items()):
+    for name, recipe in sorted(offlax_suite.load_policy_manifest()["datasets"].items()):
         lines.append(f"| offlax/{name}-v0 | {', '.join(f'{p} × {n:,}' for p, n in recipe)} |")
     a.out.write_text("\n".join(lines) + "\n")
     print(a.out.read_text())

@@ -69,9 +69,9 @@ def pendulum_dataset(minari_root):
 @pytest.fixture(scope="session")
 def hopper_tiny(minari_root):
     """offlax/hopper/random-v0 built at 1/500 of its size (2,000 steps) in the private root."""
-    import common
+    from benchmarks import offlax_suite
 
-    common.build_offlax_dataset("offlax/hopper/random-v0", scale=0.002, progress=False)
+    offlax_suite.build_offlax_dataset("offlax/hopper/random-v0", scale=0.002, progress=False)
     return "offlax/hopper/random-v0"
 
 

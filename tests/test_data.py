@@ -7,6 +7,7 @@ import pytest
 from conftest import make_minari_dataset, pendulum_episodes
 
 import common
+from benchmarks import offlax_suite
 
 
 # ---- loading ----
@@ -200,7 +201,7 @@ def test_offlax_build_is_deterministic(minari_root):
     for _ in range(2):
         path = minari_root / "offlax/walker2d/random-v0"
         shutil.rmtree(path, ignore_errors=True)
-        common.build_offlax_dataset("offlax/walker2d/random-v0", scale=0.001, progress=False)
+        offlax_suite.build_offlax_dataset("offlax/walker2d/random-v0", scale=0.001, progress=False)
         arrays.append(common.load_dataset("offlax/walker2d/random-v0").arrays())
     for k in common.FIELDS:
         np.testing.assert_array_equal(arrays[0][k], arrays[1][k])
@@ -209,9 +210,9 @@ def test_offlax_build_is_deterministic(minari_root):
 
 
 def test_missing_offlax_id_is_built_on_first_use(minari_root, monkeypatch):
-    manifest = common.load_policy_manifest()
+    manifest = offlax_suite.load_policy_manifest()
     manifest["datasets"]["halfcheetah/random"] = [["halfcheetah/random", 1000]]  # a tiny recipe
-    monkeypatch.setattr(common, "load_policy_manifest", lambda: manifest)
+    monkeypatch.setattr(offlax_suite, "load_policy_manifest", lambda: manifest)
     ds = common.load_dataset("offlax/halfcheetah/random-v0")
     assert len(ds) == 1000 and ds.episode_ends.sum() == 1  # HalfCheetah never terminates
     assert ds.ref_max_score == 12135.0
@@ -225,18 +226,18 @@ def test_medium_expert_reuses_built_parts_and_equals_a_fresh_build(minari_root):
     ids = [f"offlax/hopper/{q}-v0" for q in ("medium", "expert", "medium-expert")]
     for i in ids:
         shutil.rmtree(minari_root / i, ignore_errors=True)
-    common.build_offlax_dataset(ids[2], scale=0.002, progress=False)  # nothing to reuse: collected
+    offlax_suite.build_offlax_dataset(ids[2], scale=0.002, progress=False)  # nothing to reuse: collected
     fresh = common.load_dataset(ids[2]).arrays()
     shutil.rmtree(minari_root / ids[2])
     for i in ids[:2]:
-        common.build_offlax_dataset(i, scale=0.002, progress=False)
+        offlax_suite.build_offlax_dataset(i, scale=0.002, progress=False)
     calls = []
-    original = common.collect_episodes
-    common.collect_episodes = lambda *a, **k: calls.append(a[2]) or original(*a, **k)
+    original = offlax_suite.collect_episodes
+    offlax_suite.collect_episodes = lambda *a, **k: calls.append(a[2]) or original(*a, **k)
     try:
-        common.build_offlax_dataset(ids[2], scale=0.002, progress=False)
+        offlax_suite.build_offlax_dataset(ids[2], scale=0.002, progress=False)
     finally:
-        common.collect_episodes = original
+        offlax_suite.collect_episodes = original
     reused = common.load_dataset(ids[2]).arrays()
     assert max(calls) < 2000  # only the one-episode checks ran, not the 2,000-step segments
     for k in common.FIELDS:

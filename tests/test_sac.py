@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import common
+from benchmarks import offlax_suite
 from algorithms import sac
 
 TIMING = ("steps_per_s", "compile_s")
@@ -54,7 +54,7 @@ def test_exported_policy_acts_like_the_actor(tmp_path):
             return np.zeros(shape, dtype)
 
     low, high = -np.ones(3, np.float32), np.ones(3, np.float32)
-    np.testing.assert_allclose(common.policy_actions(policy, obs, ZeroNoise(), low, high), np.tanh(mean), atol=1e-5)
+    np.testing.assert_allclose(offlax_suite.policy_actions(policy, obs, ZeroNoise(), low, high), np.tanh(mean), atol=1e-5)
     h = np.maximum(np.maximum(obs @ policy["hidden_0_w"] + policy["hidden_0_b"], 0) @ policy["hidden_1_w"]
                    + policy["hidden_1_b"], 0)
     np.testing.assert_allclose(np.clip(h @ policy["log_std_w"] + policy["log_std_b"], -5, 2), log_std, atol=1e-5)
