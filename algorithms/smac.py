@@ -542,7 +542,7 @@ def main(args: Args) -> dict:
     args = common.resume_args(args)
     check_args(args)
     dataset = common.load_dataset(args.dataset)
-    w = trajectory_return_signal(dataset)  # before subsampling: w is a property of whole trajectories
+    w = trajectory_return_signal(dataset)  # the RvS signal of the score model, per transition
     data = common.device_arrays(dataset, extra={"w": w})
     obs_dim, act_dim = dataset.observations.shape[1], dataset.actions.shape[1]
 
