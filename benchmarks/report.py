@@ -49,6 +49,7 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -496,7 +497,11 @@ def main(argv: list[str] | None = None) -> str:
         print(f"warning: {note}", file=sys.stderr)
     offline = offline_table(groups, stats)
     online = online_table(groups, stats, a.drop_window)
-    lines = [f"# {a.title}", ""]
+    shown = [("..." if prev == "--notes" else x) for prev, x in zip([None, *argv], argv)]  # the notes are below
+    shown = [("--notes=..." if x.startswith("--notes=") else x) for x in shown]
+    command = shlex.join(["python", "benchmarks/report.py", *shown])
+    lines = [f"# {a.title}", "", f"Made by `{command}` (report at commit {git_commit()}); the runs' own "
+             "commands, commits and machines are under Provenance.", ""]
     if a.notes:
         lines += [a.notes, ""]
     lines += [explanation({r["measure"] for r in runs}, a.drop_window, a.resamples, bool(online)), ""]
@@ -522,12 +527,20 @@ def main(argv: list[str] | None = None) -> str:
         commits = sorted({r["config"].get("commit", "?") for r in runs})
         machines = sorted({r["config"].get("machine", "?") for r in runs})
         source = f" (per-run commands in `{_repo_relative(a.out)}`)" if a.out else ""
-        head = (f"`{shlex.join(['python', 'benchmarks/report.py', *argv])}`{source}; runs at commit "
+        head = (f"`{command}`{source}; runs at commit "
                 f"{', '.join(commits)} on {'; '.join(machines)}.")
         body = "\n".join([head, "", *offline] + (["", *online] if online else []))
         update_readme(a.readme, a.readme_section, body)
     print(text)
     return text
+
+
+def git_commit() -> str:
+    """The repository's short commit, "+dirty" if the work tree differs from it."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def _repo_relative(path: Path) -> str:
