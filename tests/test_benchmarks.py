@@ -407,7 +407,7 @@ def test_report_markdown_readme_copies_and_curves(runs, tmp_path):
     argv = [str(runs), "--title", "T", "--notes", "N", "--out", str(out), "--curves", str(png),
             "--copy-runs", str(copies), "--readme-section", "demo", "--readme", str(readme)]
     text = report.main(argv)
-    assert out.read_text() == text and text.startswith("# T\n\nN\n")
+    assert out.read_text() == text and text.startswith("# T\n\nMade by `python benchmarks/report.py ") and "\nN\n" in text
     row = next(x for x in text.splitlines() if x.startswith("| iql | offlax/hopper/medium-v0 | critic_layernorm=False"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[3:] == ["4", "20,000*", "50.0 ± 18.7", cells[6], "80.0 ± 35.4", cells[8], "150, 300, 50, 50",
