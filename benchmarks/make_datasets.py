@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -57,7 +56,7 @@ def main() -> None:
         print(f"{dataset_id}: {len(ds):,} steps, {len(ret):,} episodes, return {ret.mean():.1f} "
               f"(score {ds.normalized_score(ret.mean()):.1f})", flush=True)
     if a.report:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        commit = common.git_commit()
         lines = ["# offlax datasets", "",
                  f"Command: `python benchmarks/make_datasets.py {' '.join(sys.argv[1:])}`  ",
                  f"Commit: {commit}  ",
