@@ -782,6 +782,9 @@ class Run:
                 seed_i, *rest = np.argwhere(~np.isfinite(v))[0]
                 k = v.shape[1] if v.ndim > 1 else 1
                 bad_step = step - k + 1 + (rest[0] if rest else k - 1)
+                # recorded beside the metrics, so that sweeps and reports see where the run stopped
+                (self.dir / "diverged.json").write_text(json.dumps(
+                    {"step": int(bad_step), "quantity": name, "seed": int(self.seeds[seed_i])}))
                 raise DivergenceError(
                     f"{name} became {v[(seed_i, *rest)]} at update {bad_step} (seed {self.seeds[seed_i]}). "
                     f"The last good checkpoint is kept: {self.ckpt}. Lower the learning rate, add "

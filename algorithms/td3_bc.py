@@ -205,7 +205,9 @@ def critic_update(state: TrainState, batch, agent: Agent):
     (loss, q), grads = jax.value_and_grad(critic_loss, has_aux=True)(state.critic_params)
     updates, opt = agent.tx.update(grads, state.critic_opt, state.critic_params)
     state = state.replace(critic_params=optax.apply_updates(state.critic_params, updates), critic_opt=opt, key=key)
-    return state, {"critic_loss": loss, "q_mean": q.mean(), "q_abs_max": jnp.abs(q).max()}
+    # ‖θ‖ beside |Q|: SEEM's theory predicts how both grow once the critic self-excites
+    return state, {"critic_loss": loss, "q_mean": q.mean(), "q_abs_max": jnp.abs(q).max(),
+                   "critic_param_norm": optax.global_norm(state.critic_params)}
 
 
 def actor_update(state: TrainState, batch, agent: Agent):

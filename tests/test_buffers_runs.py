@@ -96,6 +96,7 @@ def test_divergence_guard_names_step_and_quantity_and_keeps_checkpoint(tmp_path)
     assert str(run.ckpt) in str(err.value)
     _, step, _ = common.load_checkpoint(run.ckpt, {"w": jnp.zeros(2)})
     assert step == 100  # the last good checkpoint is untouched
+    assert json.loads((run.dir / "diverged.json").read_text()) == {"step": 138, "quantity": "q_mean", "seed": 1}
 
 
 def test_run_summary_last_and_best(tmp_path):
