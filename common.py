@@ -648,9 +648,11 @@ class SeemMonitor:
     seem_cost.md), while self-exciting critics reach 0.1 to 0.8."""
 
     def __init__(self, every: int, data: dict | None, q_fn: Callable, gamma: float, num_probe: int = 2560,
-                 seed: int = 0, threshold: float = 1e-3):
+                 seed: int = 0, threshold: float = 1e-3, restarts: int = 3):
         self.every, self.q_fn, self.gamma, self.num_probe, self.seed = every, q_fn, gamma, num_probe, seed
-        self.threshold = threshold
+        # A self-exciting critic's eigenvalue stands apart and ARPACK converges in a few restarts;
+        # a stable one's never converges (clustered at 0), so more restarts only cost time there.
+        self.threshold, self.restarts = threshold, restarts
         self.probe = None
         if data is not None:
             self.draw(data)
@@ -674,7 +676,8 @@ class SeemMonitor:
         out = {"seem": [], "seem_normalized": [], "seem_converged": []}
         for i in range(jax.tree.leaves(critic_params)[0].shape[0]):
             probe = (self.obs, self.act, self.next_obs, np.asarray(next_actions(i, self.next_obs)))
-            lam, lam_n, converged = seem(self.q_fn, tree_index(critic_params, i), probe, self.gamma)
+            lam, lam_n, converged = seem(self.q_fn, tree_index(critic_params, i), probe, self.gamma,
+                                         restarts=self.restarts)
             out["seem"].append(lam)
             out["seem_normalized"].append(lam_n)
             out["seem_converged"].append(float(converged))
