@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 import sys
 from pathlib import Path
@@ -175,7 +176,7 @@ def plot_runs(groups: list[tuple[str, list[dict], str]], path: Path, title: str)
     import matplotlib.pyplot as plt
 
     panels = sorted({g[0] for g in groups}, key=lambda x: [g[0] for g in groups].index(x))
-    fig, axes = plt.subplots(len(panels), 3, figsize=(15, 3.6 * len(panels)), squeeze=False)
+    fig, axes = plt.subplots(len(panels), 3, figsize=(15, 3.9 * len(panels)), squeeze=False)
     for row, panel in enumerate(panels):
         for _, runs, colour, label in [g for g in groups if g[0] == panel]:
             for k, run in enumerate(runs):
@@ -189,11 +190,11 @@ def plot_runs(groups: list[tuple[str, list[dict], str]], path: Path, title: str)
                                 label=label if (k == 0 and j == 0) else None, marker="." if len(steps) < 30 else None)
                     if col == 0:
                         ax.axhline(q_bound(run["dataset"], run["args"]["gamma"]), color=colour, ls=":", lw=1)
-        for col, (name, log) in enumerate((("max |Q| over the batch (dotted: bound max|r|/(1-γ))", True),
+        for col, (name, log) in enumerate((("max|Q| in the batch (dotted: max|r|/(1-γ))", True),
                                            ("critic parameter norm ‖θ‖", True),
                                            ("normalised SEEM λ_max/‖A‖_F", False))):
             ax = axes[row, col]
-            ax.set_title(f"{panel}: {name}", fontsize=9)
+            ax.set_title(f"{panel}\n{name}", fontsize=9)
             ax.set_xlabel("update")
             if log:
                 ax.set_yscale("log")
@@ -275,7 +276,7 @@ def sgd_section(runs: list[dict], plot: Path) -> list[str]:
                        f"{fmt(norm[-1, j])} | {fmt(growth_order(steps, qmax[:, j:j + 1])[0]) if half else '-'} | "
                        f"{fmt(growth_order(steps, norm[:, j:j + 1])[0]) if half else '-'} |")
     lrs = sorted({r["args"]["lr"] for r in runs})
-    colours = dict(zip(lrs, ["tab:green", "tab:orange", "tab:red", "tab:purple"]))
+    colours = {lr: f"C{i}" for i, lr in enumerate(lrs)}
     plot_runs([("walker2d-me, SGD", [r for r in runs if r["args"]["lr"] == lr],
                 colours[lr], f"lr {lr}") for lr in lrs], plot, "SGD: growth and crash")
     return out
@@ -344,7 +345,7 @@ def main(argv: list[str] | None = None) -> str:
     onset, divergence, discount, sgd, scarce = (load(getattr(args, k)) for k in
                                                 ("onset", "divergence", "discount", "sgd", "scarce"))
     args.plots.parent.mkdir(parents=True, exist_ok=True)
-    rel = lambda p: p.resolve().relative_to(REPO_ROOT) if p.resolve().is_relative_to(REPO_ROOT) else p  # noqa: E731
+    rel = lambda p: os.path.relpath(p.resolve(), args.out.resolve().parent)  # noqa: E731  (image links from the .md)
     command = "python benchmarks/seem_report.py " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = ["# SEEM and LayerNorm: predicting and preventing Q divergence", "",
              f"Report: `{command}`  ", f"Commit: {git_commit()}  ",
