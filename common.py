@@ -3,7 +3,7 @@
 Sections, in the order a script uses them:
   1. Data: load any Minari dataset (local, remote, or the project's own `offlax/` suite built on
      first use), validate it, flatten it to float32 transitions, cache the flat arrays.
-  2. Preprocessing: observation statistics, reward scaling, Monte-Carlo returns-to-go.
+  2. Preprocessing: observation statistics, data subsets, device arrays, action boxes.
   3. Buffers: on-device uniform sampling, an online replay buffer as a pytree, a mixed sampler.
   4. Evaluation: deterministic policies on a vectorised environment, all seeds at once.
   5. SEEM: the self-excitation eigenvalue of Yue et al. (2023), matrix-free.
@@ -283,35 +283,6 @@ def obs_stats(dataset: Dataset, eps: float = 1e-3) -> tuple[np.ndarray, np.ndarr
     return dataset.observations.mean(0), dataset.observations.std(0) + eps
 
 
-def iql_reward_scale(dataset: Dataset) -> float:
-    """IQL's locomotion scaling factor: 1000 / (max - min episode return)."""
-    returns = dataset.episode_returns()
-    return 1000.0 / (returns.max() - returns.min())
-
-
-def mc_returns(rewards, episode_ends, gamma: float, sparse_failure_reward: float | None = None) -> np.ndarray:
-    """Discounted return-to-go per episode: G_t = r_t + gamma * (1 - end_t) * G_{t+1}.
-
-    No bootstrap past any episode end, terminal or time limit (Cal-QL's convention: the value
-    after a cut is 0). Sparse case (Cal-QL, AntMaze/Adroit): an episode whose every reward equals
-    `sparse_failure_reward` r_neg gets G = r_neg / (1 - gamma) at every step.
-    """
-    rewards = np.asarray(rewards, np.float64)
-    ends = np.asarray(episode_ends, bool)
-    out = np.empty_like(rewards)
-    g = 0.0
-    for t in range(len(rewards) - 1, -1, -1):
-        g = rewards[t] + (0.0 if ends[t] else gamma * g)
-        out[t] = g
-    if sparse_failure_reward is not None:
-        starts = np.r_[0, np.flatnonzero(ends[:-1]) + 1]
-        stops = np.r_[starts[1:], len(rewards)]
-        for a, b in zip(starts, stops):
-            if np.all(rewards[a:b] == sparse_failure_reward):
-                out[a:b] = sparse_failure_reward / (1.0 - gamma)
-    return out.astype(np.float32)
-
-
 def subsample(dataset: Dataset, fraction: float = 1.0, num_transitions: int | None = None,
               seed: int = 0) -> tuple[Dataset, np.ndarray]:
     """A random subset of the transitions, drawn once without replacement (the data-scarce study);
@@ -328,23 +299,6 @@ def subsample(dataset: Dataset, fraction: float = 1.0, num_transitions: int | No
                         f"{num_transitions}) but {dataset.id} has {n}; ask for between 1 and {n}")
     idx = np.sort(np.random.default_rng(seed).choice(n, k, replace=False))
     return dataclasses.replace(dataset, **{f: getattr(dataset, f)[idx] for f in FIELDS}), idx
-
-
-def trajectory_mc_returns(rewards, length, gamma: float, sparse_failure_reward: float | None = None):
-    """`mc_returns` for one trajectory held in a fixed-size array (jittable): rows past `length`
-    are ignored and get 0; the trajectory's last row does not bootstrap."""
-    valid = jnp.arange(rewards.shape[0]) < length
-
-    def back(g, x):
-        r, ok = x
-        g = jnp.where(ok, r + gamma * g, 0.0)
-        return g, g
-
-    _, out = jax.lax.scan(back, jnp.zeros(()), (rewards, valid), reverse=True)
-    if sparse_failure_reward is not None:
-        failed = jnp.all(jnp.where(valid, rewards == sparse_failure_reward, True))
-        out = jnp.where(failed & valid, sparse_failure_reward / (1.0 - gamma), out)
-    return out
 
 
 def device_arrays(dataset: Dataset, obs_mean=None, obs_std=None, reward_scale=1.0, reward_bias=0.0,

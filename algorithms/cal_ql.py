@@ -143,6 +143,50 @@ def check_args(args: Args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Monte-Carlo returns: the lower bound of Cal-QL's calibration
+# ---------------------------------------------------------------------------------------------
+
+def mc_returns(rewards, episode_ends, gamma: float, sparse_failure_reward: float | None = None) -> np.ndarray:
+    """Discounted return-to-go per episode: G_t = r_t + gamma * (1 - end_t) * G_{t+1}.
+
+    No bootstrap past any episode end, terminal or time limit (Cal-QL's convention: the value
+    after a cut is 0). Sparse case (Cal-QL, AntMaze/Adroit): an episode whose every reward equals
+    `sparse_failure_reward` r_neg gets G = r_neg / (1 - gamma) at every step.
+    """
+    rewards = np.asarray(rewards, np.float64)
+    ends = np.asarray(episode_ends, bool)
+    out = np.empty_like(rewards)
+    g = 0.0
+    for t in range(len(rewards) - 1, -1, -1):
+        g = rewards[t] + (0.0 if ends[t] else gamma * g)
+        out[t] = g
+    if sparse_failure_reward is not None:
+        starts = np.r_[0, np.flatnonzero(ends[:-1]) + 1]
+        stops = np.r_[starts[1:], len(rewards)]
+        for a, b in zip(starts, stops):
+            if np.all(rewards[a:b] == sparse_failure_reward):
+                out[a:b] = sparse_failure_reward / (1.0 - gamma)
+    return out.astype(np.float32)
+
+
+def trajectory_mc_returns(rewards, length, gamma: float, sparse_failure_reward: float | None = None):
+    """`mc_returns` for one trajectory held in a fixed-size array (jittable): rows past `length`
+    are ignored and get 0; the trajectory's last row does not bootstrap."""
+    valid = jnp.arange(rewards.shape[0]) < length
+
+    def back(g, x):
+        r, ok = x
+        g = jnp.where(ok, r + gamma * g, 0.0)
+        return g, g
+
+    _, out = jax.lax.scan(back, jnp.zeros(()), (rewards, valid), reverse=True)
+    if sparse_failure_reward is not None:
+        failed = jnp.all(jnp.where(valid, rewards == sparse_failure_reward, True))
+        out = jnp.where(failed & valid, sparse_failure_reward / (1.0 - gamma), out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Networks
 # ---------------------------------------------------------------------------------------------
 
@@ -390,7 +434,7 @@ def online_step(state: TrainState, transition, next_obs, t, offline, agent: Agen
     n = jnp.where(transition["episode_ends"] > 0, length, 0)  # updates to run now
 
     failure = None if a.sparse_failure_reward is None else a.sparse_failure_reward * a.reward_scale + a.reward_bias
-    rows = dict(traj, mc_returns=common.trajectory_mc_returns(traj["rewards"], length, a.gamma, failure))
+    rows = dict(traj, mc_returns=trajectory_mc_returns(traj["rewards"], length, a.gamma, failure))
     state = state.replace(buffer=state.buffer.add(rows, count=n), trajectory=traj, trajectory_length=length - n)
 
     def one_update(_, carry):
@@ -435,7 +479,7 @@ def main(args: Args) -> dict:
     dataset = common.load_dataset(args.dataset)
     failure = None if args.sparse_failure_reward is None else args.sparse_failure_reward * args.reward_scale \
         + args.reward_bias
-    mc = common.mc_returns(dataset.rewards * args.reward_scale + args.reward_bias, dataset.episode_ends, args.gamma,
+    mc = mc_returns(dataset.rewards * args.reward_scale + args.reward_bias, dataset.episode_ends, args.gamma,
                            failure)
     dataset, kept = common.subsample(dataset, args.data_fraction, args.num_transitions)
     mc = mc[kept]

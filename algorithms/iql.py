@@ -128,6 +128,16 @@ def check_args(args: Args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Data: rewards rescaled by the spread of episode returns (locomotion)
+# ---------------------------------------------------------------------------------------------
+
+def locomotion_reward_scale(dataset: common.Dataset) -> float:
+    """IQL's locomotion scaling factor: 1000 / (max - min episode return)."""
+    returns = dataset.episode_returns()
+    return 1000.0 / (returns.max() - returns.min())
+
+
+# ---------------------------------------------------------------------------------------------
 # Networks (orthogonal init, gain √2, on every layer, as the authors' code)
 # ---------------------------------------------------------------------------------------------
 
@@ -361,7 +371,7 @@ def main(args: Args) -> dict:
     reward_kind = FAMILIES[args.family][3]
 
     dataset = common.load_dataset(args.dataset)
-    reward_scale, reward_bias = {"normalize": (common.iql_reward_scale(dataset), 0.0),
+    reward_scale, reward_bias = {"normalize": (locomotion_reward_scale(dataset), 0.0),
                                  "minus_one": (1.0, -1.0), "none": (1.0, 0.0)}[reward_kind]
     dataset, _ = common.subsample(dataset, args.data_fraction, args.num_transitions)
     data = common.device_arrays(dataset, reward_scale=reward_scale, reward_bias=reward_bias)

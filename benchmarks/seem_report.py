@@ -30,6 +30,7 @@ Each option takes run folders or folders holding them (a sweep's --out); the run
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -73,13 +74,17 @@ def growth_order(steps: np.ndarray, values: np.ndarray) -> np.ndarray:
     return np.array([np.polyfit(x, np.log(np.abs(col[keep])), 1)[0] for col in values.T])
 
 
-def q_bound(dataset_id: str, gamma: float, cache: dict = {}) -> float:  # noqa: B006 (memo)
+@functools.cache
+def dataset_facts(dataset_id: str) -> tuple[float, int]:
+    """(max |r|, observation + action dimension) of a dataset, loaded once."""
+    import common  # JAX only where a dataset is needed
+    d = common.load_dataset(dataset_id)
+    return float(np.abs(d.rewards).max()), d.observations.shape[1] + d.actions.shape[1]
+
+
+def q_bound(dataset_id: str, gamma: float) -> float:
     """max|r| / (1 − γ) for the dataset's rewards."""
-    if dataset_id not in cache:
-        import common  # JAX only where a bound is needed
-        rewards = common.load_dataset(dataset_id).rewards
-        cache[dataset_id] = float(np.abs(rewards).max())
-    return cache[dataset_id] / (1.0 - gamma)
+    return dataset_facts(dataset_id)[0] / (1.0 - gamma)
 
 
 def sgd_step_factor(lr: float, num_params: int, num_probe: int) -> float:
@@ -94,12 +99,6 @@ def num_params(run: dict, obs_act_dim: int) -> int:
     widths = [obs_act_dim, *run["args"]["hidden"], 1]
     p = sum((a + 1) * b for a, b in zip(widths[:-1], widths[1:]))
     return p + (2 * sum(run["args"]["hidden"]) if run["args"].get("critic_layernorm") else 0)
-
-
-def obs_act_dim(dataset_id: str) -> int:
-    import common
-    d = common.load_dataset(dataset_id)
-    return d.observations.shape[1] + d.actions.shape[1]
 
 
 def machine() -> str:
@@ -170,7 +169,8 @@ DIV_HEADER = ["| dataset | LayerNorm | γ | Q bound | SEEM > 0 at step | max\\|Q
 
 
 def plot_runs(groups: list[tuple[str, list[dict], str]], path: Path, title: str) -> None:
-    """One row per (label, runs, colour) group set... : columns max|Q|, ‖θ‖, normalised SEEM."""
+    """`groups`: (panel, runs, colour, label); one row of panels per panel name, columns max|Q|,
+    ‖θ‖ and normalised SEEM, one line per seed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -242,16 +242,13 @@ def discount_section(runs: list[dict], plot: Path) -> tuple[list[str], list[dict
 
 def sgd_section(runs: list[dict], plot: Path) -> list[str]:
     runs = sorted([r for r in runs if r["args"]["optimizer"] == "sgd"], key=lambda r: (r["args"]["lr"], r["seeds"]))
-    dims: dict[str, int] = {}
     out = ["| lr | seed | SEEM > 0 at step | λ_max then | predicted ln-growth per update | measured ln-growth of "
            "max\\|Q\\| per update (next interval) | max\\|Q\\| > bound at step | crash (NaN/inf) at update | "
            "last logged step | max\\|Q\\| there | ‖θ‖ there | Q growth order | ‖θ‖ growth order |",
            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for run in runs:
         a = run["args"]
-        if run["dataset"] not in dims:
-            dims[run["dataset"]] = obs_act_dim(run["dataset"])
-        p = num_params(run, dims[run["dataset"]])
+        p = num_params(run, dataset_facts(run["dataset"])[1])
         steps, qmax = series(run, "q_abs_max")
         _, norm = series(run, "critic_param_norm")
         s_steps, seem_n = series(run, "seem_normalized")
@@ -259,7 +256,7 @@ def sgd_section(runs: list[dict], plot: Path) -> list[str]:
         bound = q_bound(run["dataset"], a["gamma"])
         blow = first_step_above(steps, qmax, bound)
         c = crash(run)
-        n_probe = 2560
+        n_probe = 2560  # common.SeemMonitor's num_probe, which every script uses
         for j, seed in enumerate(run["seeds"]):
             pos = first_step_above(s_steps, seem_n[:, j:j + 1], THRESHOLD)[0]
             pred = meas = lam_then = None
@@ -357,7 +354,6 @@ def main(argv: list[str] | None = None) -> str:
              "X* = (s', π(s')). How each column is measured is in the docstring of `benchmarks/seem_report.py`.", ""]
     if args.cost:
         lines += cost_section(args.cost)
-    figures = []
     if onset or divergence:
         lines += ["## 2. Divergence: pure offline TD3 with and without LayerNorm", ""]
         per_seed = "per seed, seeds 0 / 1 / 2"
@@ -398,7 +394,7 @@ def main(argv: list[str] | None = None) -> str:
     lines += ["## Runs", "", *provenance(unique), ""]
     text = "\n".join(lines)
     args.out.write_text(text)
-    print(f"wrote {args.out}" + "".join(f", {f}" for f in figures))
+    print(f"wrote {args.out} and {args.plots}_*.png")
     return text
 
 

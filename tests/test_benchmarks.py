@@ -466,4 +466,3 @@ def test_run_local_logs_and_reports_failures(tmp_path, capsys):
     assert "diverged" in (tmp_path / bad.name / "log.txt").read_text()
     out = capsys.readouterr().out
     assert f"FAILED (exit 1) {bad.name}" in out and f"finished {ok.name}" in out
-

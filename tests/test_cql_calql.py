@@ -93,7 +93,7 @@ def test_conservatism_cql_below_sac_and_calql_above_mc_bound(pendulum_dataset):
     near 9.4, below the data's mean MC return 9.9; Cal-QL near 13.)"""
     ds = common.load_dataset(pendulum_dataset)
     gamma = 0.9
-    mc = common.mc_returns(ds.rewards, ds.episode_ends, gamma)
+    mc = cal_ql.mc_returns(ds.rewards, ds.episode_ends, gamma)
     data = common.device_arrays(ds, extra={"mc_returns": mc})
     q = {}
     for name, module, weight in [("sac", cql, 0.0), ("cql", cql, 5.0), ("cal_ql", cal_ql, 5.0)]:

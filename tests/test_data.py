@@ -7,6 +7,7 @@ import pytest
 from conftest import make_minari_dataset, pendulum_episodes
 
 import common
+from algorithms import cal_ql, iql
 from benchmarks import offlax_suite
 
 
@@ -153,7 +154,7 @@ def test_mc_returns_by_hand():
     # episode 1 ends by termination at t=2, episode 2 by a time limit at t=4, a trailing cut at t=5
     ends = [0, 0, 1, 0, 1, 0]
     expected = [1 + g * (2 + g * 3), 2 + g * 3, 3, 4 + g * 5, 5, 6]
-    np.testing.assert_allclose(common.mc_returns(rewards, ends, g), expected, rtol=1e-6)
+    np.testing.assert_allclose(cal_ql.mc_returns(rewards, ends, g), expected, rtol=1e-6)
 
 
 def test_mc_returns_sparse_failure_episodes():
@@ -161,7 +162,7 @@ def test_mc_returns_sparse_failure_episodes():
     # Cal-QL AntMaze with scale 10, bias -5: failure reward -5, success +5
     rewards = [-5.0, -5.0, -5.0, -5.0, 5.0]
     ends = [0, 1, 0, 0, 1]
-    out = common.mc_returns(rewards, ends, g, sparse_failure_reward=-5.0)
+    out = cal_ql.mc_returns(rewards, ends, g, sparse_failure_reward=-5.0)
     np.testing.assert_allclose(out[:2], [-500.0, -500.0], rtol=1e-5)  # all-failure episode: r/(1-γ)
     np.testing.assert_allclose(out[2:], [-5 - 5 * g + 5 * g * g, -5 + 5 * g, 5.0], rtol=1e-5)
 
@@ -183,7 +184,7 @@ def test_episode_returns_and_iql_scale():
                         terminals=np.zeros(5), episode_ends=np.array([0, 1, 0, 1, 0]), env_spec=None,
                         action_low=np.array([-1.0]), action_high=np.array([1.0]))
     np.testing.assert_allclose(ds.episode_returns(), [3.0, 7.0, 10.0])
-    assert common.iql_reward_scale(ds) == pytest.approx(1000.0 / 7.0)
+    assert iql.locomotion_reward_scale(ds) == pytest.approx(1000.0 / 7.0)
 
 
 def test_obs_stats_and_unit_box():
