@@ -554,7 +554,9 @@ def seem(q_fn: Callable, params, probe: tuple, gamma: float, fro_samples: int = 
     op = LinearOperator((n, n), dtype=np.float64, matvec=lambda v: apply(v)[:, 0], matmat=apply)
     converged = True
     try:
-        lam = eigs(op, k=1, which="LR", tol=tol, ncv=min(ncv, n - 1), maxiter=restarts, return_eigenvectors=False)
+        v0 = np.random.default_rng(seed).standard_normal(n)  # ARPACK's own start is unseeded: fix it
+        lam = eigs(op, k=1, which="LR", tol=tol, ncv=min(ncv, n - 1), maxiter=restarts, v0=v0,
+                   return_eigenvectors=False)
     except ArpackNoConvergence:
         lam, converged = arnoldi_ritz_values(op.matvec, n, min(ncv, n), seed), False
     fro = frobenius_norm(apply, blocks(seem_matvec(q_fn, gamma, transpose=True)), n, fro_samples, seed)
