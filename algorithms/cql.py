@@ -94,7 +94,9 @@ class Args:
     cql_importance_sample: bool = True
     """Importance-sampled logsumexp (min_q_version 3); off: plain logsumexp with the data action."""
     cql_lagrange: bool = False
-    """Lagrange form: a learned α′ keeps the regulariser at --cql-target-gap."""
+    """Lagrange form: a learned α′ (log α′ starts at 1.0, as JaxCQL) keeps the regulariser at --cql-target-gap.
+    This is JaxCQL's and Cal-QL's form, w α′ (R − gap); the original CQL code's is α′ (w R − gap)
+    with log α′ from 0, so its AntMaze setting (w = 5, threshold 5) is --cql-target-gap 1 here."""
     cql_target_gap: float = 0.8
     """Target value of the regulariser in the Lagrange form."""
     cql_clip_diff_min: float = -np.inf
@@ -193,9 +195,14 @@ class Actor(nn.Module):
         return mean, jnp.clip(m * raw + o, -20.0, 2.0)
 
 
-def sample_action(actor: Actor, params, obs, key):
-    """ã = tanh(μ + σ ε), log π(ã|s) = Σ_j [log N(u_j; μ_j, σ_j) − log(1 − tanh(u_j)²)]."""
+def sample_action(actor: Actor, params, obs, key, num_samples: int | None = None):
+    """ã = tanh(μ + σ ε), log π(ã|s) = Σ_j [log N(u_j; μ_j, σ_j) − log(1 − tanh(u_j)²)].
+
+    With `num_samples` N: N actions per state, shape (B, N, |A|), from one actor pass per state
+    (running the actor on N copies of each state would cost N times as much for the same draws)."""
     mean, log_std = actor.apply(params, obs)
+    if num_samples is not None:
+        mean, log_std = (jnp.broadcast_to(x[:, None], (x.shape[0], num_samples, x.shape[-1])) for x in (mean, log_std))
     eps = jax.random.normal(key, mean.shape)
     u = mean + jnp.exp(log_std) * eps
     log_normal = -0.5 * eps ** 2 - log_std - 0.5 * jnp.log(2 * jnp.pi)
@@ -291,7 +298,7 @@ def update(state: TrainState, batch, agent: Agent, cql_weight: float):
         return jnp.broadcast_to(x[:, None], (B, N) + x.shape[1:])
 
     if a.max_target_backup:
-        next_a, next_logp = sample_action(agent.actor, state.actor_params, repeat(next_obs), k_next)
+        next_a, next_logp = sample_action(agent.actor, state.actor_params, next_obs, k_next, N)
         next_q = agent.critic.apply(state.target_critic_params, repeat(next_obs), next_a).min(0)  # (B, N)
         best = jnp.argmax(next_q, axis=1)
         next_q, next_logp = jnp.take_along_axis(next_q, best[:, None], 1)[:, 0], jnp.take_along_axis(
@@ -305,8 +312,8 @@ def update(state: TrainState, batch, agent: Agent, cql_weight: float):
 
     # -- the regulariser's sampled actions (constants for the critic loss) --
     rand_a = jax.random.uniform(k_rand, (B, N, agent.action_dim), minval=-1.0, maxval=1.0)
-    cur_a, logp_cur = sample_action(agent.actor, state.actor_params, repeat(obs), k_cur)
-    nxt_a, logp_nxt = sample_action(agent.actor, state.actor_params, repeat(next_obs), k_nxt)
+    cur_a, logp_cur = sample_action(agent.actor, state.actor_params, obs, k_cur, N)
+    nxt_a, logp_nxt = sample_action(agent.actor, state.actor_params, next_obs, k_nxt, N)
     alpha_prime = jnp.clip(jnp.exp(state.log_alpha_prime), 0.0, 1e6)
 
     def critic_loss(params):
@@ -342,7 +349,8 @@ def update(state: TrainState, batch, agent: Agent, cql_weight: float):
         target_critic_params=optax.incremental_update(critic_params, state.target_critic_params, a.polyak),
         actor_opt=actor_opt, critic_opt=critic_opt, alpha_opt=alpha_opt, alpha_prime_opt=alpha_prime_opt, key=key)
     metrics = {"critic_loss": q_loss, "td_loss": td.mean(), "cql_diff": diff.mean(), "actor_loss": pi_loss,
-               "alpha": alpha, "alpha_prime": alpha_prime, "q_mean": q_data.mean(), "target_q": y.mean(),
+               "alpha": alpha, "alpha_prime": alpha_prime * a.cql_lagrange,  # 0 when unused, as JaxCQL logs it
+               "q_mean": q_data.mean(), "target_q": y.mean(),
                "entropy": -logp.mean()}
     return state, metrics
 

@@ -11,7 +11,9 @@ scale, at actions drawn half from the current policy and half uniformly over the
 
 where ε_ω is a diffusion model of the data's actions (DDPM ε-prediction, IDQL's residual network),
 read at its first noise step k = 1, where ε_ω(s, a, w, 1) = −√(1 − ᾱ_1) ∇_a log p_1(a|s, w), and α_ψ(s)
-absorbs the scale and the sign. L^AC is SAC's unchanged (twin critics, entropy in the backup,
+absorbs the scale and the sign: if ∇_a Q = α ∇_a log π^D, then α_ψ = −α / √(1 − ᾱ_1) < 0. Left free, α_ψ
+would also accept a critic that rises *away* from the data's actions (∇_a Q ∝ +ε), so by default it is
+kept negative, α_ψ = −softplus(MLP(s)) (`--scale-sign free` lifts that). L^AC is SAC's unchanged (twin critics, entropy in the backup,
 automatic temperature with target −|A|):
 
     y = r + γ (1 − d) ( min_i Q_θ̄i(s', ã') − α log π(ã'|s') ),   L^AC = Σ_i E (Q_θi(s,a) − y)²
@@ -25,10 +27,13 @@ critics continue with plain SAC (`--online-algo sac`, the regulariser off) or TD
 td3`: the actor's tanh-mean becomes the deterministic policy), one update per environment step.
 
 Not specified by the paper's public material, so explicit flags here (defaults documented at
-each flag, in the README and in benchmarks/results/smac.md): κ, the form of α_ψ, the reward signal
-w of the RvS conditioning (here the trajectory's return, min–max normalised over the dataset, and
-w = 1 when reading the score), the diffusion schedule (IDQL's: 5 steps, variance-preserving), the
-Muon hyper-parameters and the fine-tuning replay (half offline, half online batches, as Cal-QL).
+each flag and in the README): κ (`--kappa`), the form of α_ψ (`--scale-sign`), the reward signal
+w of the RvS conditioning (`--score-condition`, `--score-w`: here the trajectory's return, min–max
+normalised over the dataset, and w = 1 when reading the score), the diffusion schedule (IDQL's: 5
+steps, variance-preserving; `--diffusion-steps` also sets the noise level σ_1 at which the score is
+read), SAC's temperature (`--alpha`: tuned automatically unless fixed), Muon's reach and scale
+(`--muon-output-layers`, `--muon-rms`) and the fine-tuning replay and update ratio
+(`--mixing-ratio`: half offline, half online batches, as Cal-QL; `--online-utd`).
 
 Run: python -m algorithms.smac --dataset offlax/hopper/medium-replay-v0 --online-steps 100000 --num-seeds 3
 """
@@ -81,7 +86,8 @@ class Args:
     score_steps: int = 100_000
     """Updates of the diffusion model, trained first (then frozen); IDQL trains longer on a GPU."""
     diffusion_steps: int = 5
-    """Noise steps T of the DDPM (IDQL: 5, variance-preserving schedule); the score is read at k = 1."""
+    """Noise steps T of the DDPM (IDQL: 5, variance-preserving schedule); the score is read at k = 1, whose noise
+    level σ_1 = √(1 − ᾱ_1) depends on T (0.44 at T = 5, 0.04 at T = 100): a smoother or sharper data density."""
     score_hidden: int = 256
     """Width of the residual network of ε_ω (IDQL: 256, each block expands 4x)."""
     score_blocks: int = 3
@@ -95,8 +101,12 @@ class Args:
     # --- SMAC ---
     kappa: float = 1.0
     """Weight κ of the score-matching regulariser (0: plain offline SAC, the ablation)."""
+    scale_sign: Literal["negative", "free"] = "negative"
+    """α_ψ(s) = −softplus(MLP(s)), the sign theory gives (ε_ω ∝ −score), or a free linear output."""
     optimizer: Literal["muon", "adam"] = "muon"
-    """Muon for the actor's, critics' and α_ψ's matrices (Adam for the rest), or Adam throughout."""
+    """Muon for the actor's, critics' and α_ψ's hidden-layer matrices (Adam for the rest), or Adam throughout."""
+    muon_output_layers: bool = False
+    """Muon also for the output layers' kernels (the usual practice, followed by default, leaves them to Adam)."""
     muon_rms: float = 0.2
     """Muon's consistent-RMS factor: updates scaled to Adam's typical RMS, so both share one learning rate."""
     gamma: float = 0.99
@@ -109,6 +119,8 @@ class Args:
     """Learning rate of the critics and of α_ψ."""
     alpha_lr: float = 3e-4
     """Adam learning rate of log α (SAC's temperature)."""
+    alpha: float | None = None
+    """A fixed SAC temperature α; None: tuned automatically toward the target entropy (from α = 1)."""
     target_entropy: float | None = None
     """Target entropy H̄ (default −|A|)."""
     batch_size: int = 256
@@ -124,6 +136,8 @@ class Args:
     """The online learner, starting from the offline actor and critics."""
     mixing_ratio: float = 0.5
     """Share of each online batch drawn from the offline data (Cal-QL's 0.5; 0: online data only)."""
+    online_utd: int = 1
+    """Online updates per environment step (update-to-data ratio)."""
     td3_exploration_noise: float = 0.1
     """TD3: std of the Gaussian noise added to the deterministic action when acting."""
     td3_policy_noise: float = 0.2
@@ -138,7 +152,7 @@ class Args:
 
 def check_args(args: Args) -> None:
     for name in ("num_seeds", "total_steps", "eval_every", "eval_episodes", "batch_size", "diffusion_steps",
-                 "score_hidden", "score_blocks", "td3_policy_delay"):
+                 "score_hidden", "score_blocks", "td3_policy_delay", "online_utd"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.total_steps % args.eval_every or args.online_steps % args.eval_every \
@@ -152,6 +166,8 @@ def check_args(args: Args) -> None:
         raise SystemExit(f"--mixing-ratio must lie in [0, 1], got {args.mixing_ratio}")
     if not 0 < args.gamma <= 1:
         raise SystemExit("--gamma must lie in (0, 1]")
+    if args.alpha is not None and args.alpha <= 0:
+        raise SystemExit(f"--alpha must be positive (or left unset to tune it), got {args.alpha}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,13 +216,15 @@ class Actor(nn.Module):
 
 
 class ScoreScale(nn.Module):
-    """α_ψ(s): the learned state-dependent factor between ∇_a Q and ε_ω (any sign)."""
+    """α_ψ(s): the learned state-dependent factor between ∇_a Q and ε_ω; −softplus(·) < 0 if `negative`."""
 
     hidden: tuple[int, ...]
+    negative: bool = True
 
     @nn.compact
     def __call__(self, obs):
-        return MLP(self.hidden, 1)(obs)[..., 0]
+        raw = MLP(self.hidden, 1)(obs)[..., 0]
+        return -nn.softplus(raw) if self.negative else raw
 
 
 class NoiseModel(nn.Module):
@@ -322,14 +340,15 @@ class Agent:
 
 
 def make_optimizer(args: Args, lr: float) -> optax.GradientTransformation:
-    """Muon on every hidden-layer kernel (2-D), Adam on output layers, biases, LayerNorm scales."""
+    """Muon on every hidden-layer kernel (2-D; with --muon-output-layers the output kernels too), Adam on
+    the rest (output layers, biases, LayerNorm scales)."""
     if args.optimizer == "adam":
         return optax.adam(lr)
 
     def dims(params):
         def spec(path, x):
             names = [getattr(p, "key", "") for p in path]
-            muon = x.ndim == 2 and names[-1] == "kernel" and "out" not in names
+            muon = x.ndim == 2 and names[-1] == "kernel" and (args.muon_output_layers or "out" not in names)
             return optax.contrib.MuonDimensionNumbers() if muon else None
         return jax.tree_util.tree_map_with_path(spec, params)
 
@@ -343,7 +362,7 @@ def create_state(key, agent: Agent, obs_dim: int) -> TrainState:
     critic_params = agent.critic.init(k_critic, obs, act)
     scale_params = agent.scale.init(k_scale, obs)
     score_params = agent.noise_model.init(k_score, obs, act, jnp.zeros(1), jnp.ones(1, jnp.int32))
-    log_alpha = jnp.zeros(())
+    log_alpha = jnp.log(jnp.asarray(agent.args.alpha or 1.0, jnp.float32))
     return TrainState(
         actor_params=actor_params, critic_params=critic_params,
         target_critic_params=jax.tree.map(jnp.copy, critic_params),  # equal values, own buffers (donation)
@@ -395,12 +414,12 @@ def sac_update(state: TrainState, batch, agent: Agent, kappa: float):
         q = agent.critic.apply(critic_params, obs, batch["actions"])
         td = jnp.sum(jnp.mean((q - y) ** 2, axis=1))
         if kappa == 0:
-            return td, (q, td, jnp.zeros(()), jnp.zeros(()))
+            return td, (q, td, jnp.zeros(()), jnp.zeros(B))
         scale = agent.scale.apply(scale_params, obs)
         sm = score_matching_loss(action_gradient(agent.critic, critic_params, obs, sm_actions), scale, sm_eps)
-        return td + kappa * sm, (q, td, sm, scale.mean())
+        return td + kappa * sm, (q, td, sm, scale)
 
-    (q_loss, (q, td, sm, scale_mean)), grads = jax.value_and_grad(critic_loss, has_aux=True)(
+    (q_loss, (q, td, sm, scale)), grads = jax.value_and_grad(critic_loss, has_aux=True)(
         (state.critic_params, state.scale_params))
     (critic_params, scale_params), critic_opt = apply_tx(agent.critic_tx, grads, state.critic_opt,
                                                          (state.critic_params, state.scale_params))
@@ -413,13 +432,16 @@ def sac_update(state: TrainState, batch, agent: Agent, kappa: float):
     actor_params, actor_opt = apply_tx(agent.actor_tx, grads, state.actor_opt, state.actor_params)
     alpha_grad = jax.grad(lambda la: -jnp.mean(jnp.exp(la) * jax.lax.stop_gradient(logp + agent.target_entropy)))(
         state.log_alpha)
-    log_alpha, alpha_opt = apply_tx(agent.alpha_tx, alpha_grad, state.alpha_opt, state.log_alpha)
+    log_alpha, alpha_opt = state.log_alpha, state.alpha_opt
+    if a.alpha is None:  # a fixed --alpha is never updated
+        log_alpha, alpha_opt = apply_tx(agent.alpha_tx, alpha_grad, state.alpha_opt, state.log_alpha)
 
     state = state.replace(
         actor_params=actor_params, critic_params=critic_params, scale_params=scale_params, log_alpha=log_alpha,
         target_critic_params=optax.incremental_update(critic_params, state.target_critic_params, a.polyak),
         actor_opt=actor_opt, critic_opt=critic_opt, alpha_opt=alpha_opt, key=key)
-    metrics = {"critic_loss": q_loss, "td_loss": td, "sm_loss": sm, "score_scale": scale_mean, "actor_loss": pi_loss,
+    metrics = {"critic_loss": q_loss, "td_loss": td, "sm_loss": sm, "score_scale": scale.mean(),
+               "score_scale_positive": jnp.mean(scale > 0), "actor_loss": pi_loss,
                "alpha": alpha, "q_mean": q.mean(), "entropy": -logp.mean()}
     return state, metrics
 
@@ -500,17 +522,21 @@ def act(state: TrainState, obs, agent: Agent):
 
 
 def online_step(state: TrainState, transition, next_obs, t, offline, agent: Agent):
-    """Store the transition, one update on a mixed batch, act at s'."""
+    """Store the transition, `--online-utd` updates on mixed batches, act at s'."""
     state = state.replace(buffer=state.buffer.add(jax.tree.map(lambda x: x[None], transition)))
-    key, k_batch = jax.random.split(state.key)
-    batch = common.sample_mixed(k_batch, offline, state.buffer, agent.args.batch_size, agent.args.mixing_ratio)
-    state = state.replace(key=key)
-    if agent.args.online_algo == "sac":
-        state, metrics = sac_update(state, batch, agent, kappa=0.0)
-    else:
-        state, metrics = td3_update(state, batch, t, agent)
+    utd = agent.args.online_utd
+
+    def one_update(state, i):
+        key, k_batch = jax.random.split(state.key)
+        batch = common.sample_mixed(k_batch, offline, state.buffer, agent.args.batch_size, agent.args.mixing_ratio)
+        state = state.replace(key=key)
+        if agent.args.online_algo == "sac":
+            return sac_update(state, batch, agent, kappa=0.0)
+        return td3_update(state, batch, t * utd + i, agent)  # the update count sets TD3's policy delay
+
+    state, metrics = jax.lax.scan(one_update, state, jnp.arange(utd))
     state, action = act(state, next_obs, agent)
-    return state, action, metrics
+    return state, action, jax.tree.map(lambda x: x.mean(0), metrics)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,7 +556,7 @@ def trajectory_return_signal(dataset: common.Dataset) -> np.ndarray:
 
 def make_agent(args: Args, obs_dim: int, act_dim: int) -> Agent:
     return Agent(actor=Actor(args.hidden, act_dim), critic=TwinCritic(args.hidden, args.critic_layernorm),
-                 scale=ScoreScale(args.hidden), noise_model=NoiseModel(act_dim, args.score_hidden, args.score_blocks),
+                 scale=ScoreScale(args.hidden, args.scale_sign == "negative"), noise_model=NoiseModel(act_dim, args.score_hidden, args.score_blocks),
                  actor_tx=make_optimizer(args, args.actor_lr), critic_tx=make_optimizer(args, args.critic_lr),
                  alpha_tx=optax.adam(args.alpha_lr), score_tx=optax.adam(args.score_lr),
                  alpha_bar=tuple(np.asarray(vp_schedule(args.diffusion_steps)).tolist()), args=args,

@@ -2,6 +2,7 @@
 
 import time
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import make_minari_dataset, pendulum_episodes
@@ -166,6 +167,18 @@ def test_mc_returns_sparse_failure_episodes():
     np.testing.assert_allclose(out[:2], [-500.0, -500.0], rtol=1e-5)  # all-failure episode: r/(1-γ)
     np.testing.assert_allclose(out[2:], [-5 - 5 * g + 5 * g * g, -5 + 5 * g, 5.0], rtol=1e-5)
 
+
+def test_mc_returns_sparse_failure_after_scaling_offline_equals_online():
+    # raw failure reward -1 scaled by 0.1: float32 rewards vs the float64 scaled r_neg differ in the
+    # last bit; both the dataset's and an online trajectory's returns must still see a failure
+    g, scale = 0.99, 0.1
+    rewards = np.float32(-1.0) * np.ones(4, np.float32) * scale
+    failure = -1.0 * scale
+    offline = cal_ql.mc_returns(rewards, [0, 0, 0, 1], g, sparse_failure_reward=failure)
+    online = cal_ql.trajectory_mc_returns(jnp.asarray(np.r_[rewards, 0.0], jnp.float32), 4, g, failure)
+    np.testing.assert_allclose(offline, np.full(4, failure / (1 - g)), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(online)[:4], offline, rtol=1e-5)
+    assert float(online[4]) == 0.0  # past the trajectory
 
 def test_normalized_score_formula(hopper_tiny):
     ds = common.load_dataset(hopper_tiny)

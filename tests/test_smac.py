@@ -128,17 +128,46 @@ def _small(**kw):
     return smac.Args(hidden=(32, 32), score_hidden=32, score_blocks=1, batch_size=64, eval_episodes=2, **kw)
 
 
-@pytest.mark.parametrize("online_algo,optimizer", [("sac", "muon"), ("td3", "adam")])
-def test_smac_offline_then_online_smoke(tmp_path, hopper_tiny, online_algo, optimizer):
+@pytest.mark.parametrize("online_algo,optimizer,extra", [
+    ("sac", "muon", {}),
+    ("td3", "adam", {"online_utd": 2, "scale_sign": "free", "alpha": 0.1}),
+])
+def test_smac_offline_then_online_smoke(tmp_path, hopper_tiny, online_algo, optimizer, extra):
     summary = smac.main(_small(dataset=hopper_tiny, score_steps=200, total_steps=200, eval_every=100,
                                online_steps=200, online_algo=online_algo, optimizer=optimizer, num_seeds=2,
-                               checkpoint_every=100, runs_dir=str(tmp_path)))
+                               checkpoint_every=100, runs_dir=str(tmp_path), **extra))
     rows = [json.loads(x) for x in (Path(summary["run"]) / "metrics.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in rows] == ["offline", "offline", "online", "online"]
     assert all(np.all(np.isfinite(r["critic_loss"])) for r in rows)
     assert rows[0]["sm_loss"][0] > 0  # the regulariser is on offline
     assert json.loads((Path(summary["run"]) / "score_model.json").read_text())["updates"] == 200
     assert np.isfinite(summary["last_mean"])
+    if "alpha" in extra:  # a fixed temperature stays fixed
+        np.testing.assert_allclose(rows[1]["alpha"], [0.1, 0.1], rtol=1e-6)
+    else:  # the default α_ψ is negative at every state
+        assert max(rows[1]["score_scale"]) < 0 and max(rows[1]["score_scale_positive"]) == 0
+
+
+def test_score_scale_sign():
+    obs = jax.random.normal(jax.random.PRNGKey(1), (64, 5)) * 3
+    for negative in (True, False):
+        scale = smac.ScoreScale((16,), negative)
+        out = scale.apply(scale.init(jax.random.PRNGKey(0), obs), obs)
+        if negative:
+            assert float(out.max()) < 0
+        else:
+            assert float(out.max()) > 0 > float(out.min())  # the free form takes either sign
+
+
+def test_muon_output_layers_flag():
+    critic = smac.TwinCritic((8, 8))
+    params = critic.init(jax.random.PRNGKey(0), jnp.zeros((1, 3)), jnp.zeros((1, 2)))
+    grads = jax.tree.map(lambda x: jax.random.normal(jax.random.PRNGKey(3), x.shape), params)
+    for flag in (False, True):
+        tx = smac.make_optimizer(smac.Args(optimizer="muon", muon_output_layers=flag), 1e-3)
+        step = np.abs(np.asarray(tx.update(grads, tx.init(params), params)[0]["params"]["q1"]["out"]["kernel"]))
+        # Adam's first step has equal magnitudes; Muon's step on a column is g/‖g‖, which does not
+        assert (step.max() / step.min() > 1.5) == flag, step.ravel()
 
 
 def test_smac_bad_args(tmp_path, hopper_tiny):
