@@ -43,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from functools import partial
+from pathlib import Path
 from typing import Literal
 
 import flax
@@ -84,7 +85,7 @@ class Args:
     """Log SEEM of Q_θ1 (on a fixed probe of 2,560 transitions) every this many offline updates; 0: never."""
     # --- the behaviour score model ε_ω ---
     score_steps: int = 100_000
-    """Updates of the diffusion model, trained first (then frozen); IDQL trains longer on a GPU."""
+    """Updates of the diffusion model, trained first (then frozen; none at κ = 0); IDQL trains longer on a GPU."""
     diffusion_steps: int = 5
     """Noise steps T of the DDPM (IDQL: 5, variance-preserving schedule); the score is read at k = 1, whose noise
     level σ_1 = √(1 − ᾱ_1) depends on T (0.44 at T = 5, 0.04 at T = 100): a smoother or sharper data density."""
@@ -98,6 +99,9 @@ class Args:
     """RvS conditioning: ε_ω also sees w, the transition's trajectory return min–max normalised over the dataset."""
     score_w: float = 1.0
     """The w at which the score is read in the regulariser (1: the best trajectories' actions)."""
+    score_from: str | None = None
+    """Reuse the trained ε_ω of this earlier SMAC run folder (same dataset, seeds and score settings) instead of
+    training one, so that ablations of the actor-critic phase share one behaviour model. Not needed at κ = 0."""
     # --- SMAC ---
     kappa: float = 1.0
     """Weight κ of the score-matching regulariser (0: plain offline SAC, the ablation)."""
@@ -554,6 +558,27 @@ def trajectory_return_signal(dataset: common.Dataset) -> np.ndarray:
     return np.repeat(w, lengths).astype(np.float32)
 
 
+SCORE_SETTINGS = ("dataset", "seed", "num_seeds", "score_steps", "diffusion_steps", "score_hidden", "score_blocks",
+                  "score_lr", "score_condition", "batch_size")
+
+
+def load_score_model(args: Args, template):
+    """ε_ω's parameters (per seed) from the run folder `args.score_from`, which must have trained it
+    with the same settings; the model is saved there as score_model.npz once trained."""
+    src = Path(args.score_from)
+    if not (src / "score_model.npz").exists() or not (src / "config.json").exists():
+        raise SystemExit(f"--score-from {src}: no score_model.npz and config.json there; give the folder of a "
+                         f"SMAC run whose score model finished training")
+    config = json.loads((src / "config.json").read_text())["args"]
+    differ = [f"{k}: {config.get(k)!r} there, {getattr(args, k)!r} here" for k in SCORE_SETTINGS
+              if config.get(k) != getattr(args, k)]
+    if differ:
+        raise SystemExit(f"--score-from {src} trained its score model with other settings ({'; '.join(differ)}); "
+                         f"use the same ones or train a new model")
+    params, _, _ = common.load_checkpoint(src / "score_model.npz", template)
+    return params
+
+
 def make_agent(args: Args, obs_dim: int, act_dim: int) -> Agent:
     return Agent(actor=Actor(args.hidden, act_dim), critic=TwinCritic(args.hidden, args.critic_layernorm),
                  scale=ScoreScale(args.hidden, args.scale_sign == "negative"), noise_model=NoiseModel(act_dim, args.score_hidden, args.score_blocks),
@@ -586,22 +611,31 @@ def main(args: Args) -> dict:
         state = online_state(state)
     state, start = run.restore(state)
 
-    # 1. the behaviour score model, trained first (checkpointed in pieces, so a resume continues it)
+    # 1. the behaviour score model, trained first (checkpointed in pieces, so a resume continues it);
+    # at κ = 0 it is never read, and --score-from takes a trained one from another run
     done = int(state.score_updates[0])
-    if done < args.score_steps:
-        piece = min(args.eval_every * 2, args.score_steps)
+    score_steps = args.score_steps if args.kappa > 0 else 0
+    if args.score_from and done < score_steps:
+        state = state.replace(score_params=load_score_model(args, state.score_params),
+                              score_updates=jnp.full_like(state.score_updates, score_steps))
+        done = score_steps
+        (run.dir / "score_model.json").write_text(json.dumps({"updates": done, "from": args.score_from}))
+        common.save_checkpoint(run.dir / "score_model.npz", state.score_params, done)
+    if done < score_steps:
+        piece = min(args.eval_every * 2, score_steps)
         pieces = {n: jax.jit(jax.vmap(partial(score_chunk, agent=agent, num_updates=n), in_axes=(0, None)),
-                             donate_argnums=0) for n in {piece, (args.score_steps - done) % piece} if n}
+                             donate_argnums=0) for n in {piece, (score_steps - done) % piece} if n}
         losses = []
-        while done < args.score_steps:
-            n = min(piece, args.score_steps - done)
+        while done < score_steps:
+            n = min(piece, score_steps - done)
             state, metrics = pieces[n](state, data)
             done += n
             losses.append(float(np.mean(metrics["score_loss"][:, -min(n, 1000):])))
-            print(f"score model: {done:,}/{args.score_steps:,} updates, ε-loss {losses[-1]:.4f}", flush=True)
+            print(f"score model: {done:,}/{score_steps:,} updates, ε-loss {losses[-1]:.4f}", flush=True)
             run.check(0, {"score_loss": metrics["score_loss"]})
             run.save(state, 0)
         (run.dir / "score_model.json").write_text(json.dumps({"updates": done, "loss_per_piece": losses}))
+        common.save_checkpoint(run.dir / "score_model.npz", state.score_params, done)  # for --score-from
 
     # 2. offline SMAC, then 3. online SAC or TD3
     evaluator = common.Evaluator(dataset.make_env, run.seeds, args.eval_episodes,

@@ -170,6 +170,20 @@ def test_muon_output_layers_flag():
         assert (step.max() / step.min() > 1.5) == flag, step.ravel()
 
 
+def test_score_model_reused_by_score_from_and_skipped_at_kappa_zero(tmp_path, hopper_tiny):
+    kw = dict(dataset=hopper_tiny, score_steps=100, total_steps=100, eval_every=100)
+    first = Path(smac.main(_small(runs_dir=str(tmp_path / "a"), **kw))["run"])
+    second = Path(smac.main(_small(runs_dir=str(tmp_path / "b"), score_from=str(first), kappa=2.0, **kw))["run"])
+    assert json.loads((second / "score_model.json").read_text())["from"] == str(first)
+    with np.load(first / "score_model.npz") as a, np.load(second / "score_model.npz") as b:
+        assert [k for k in a.files if k.startswith("leaf_")] and all(
+            np.array_equal(a[k], b[k]) for k in a.files if k.startswith("leaf_"))
+    with pytest.raises(SystemExit, match="other settings .*diffusion_steps"):
+        smac.main(_small(runs_dir=str(tmp_path / "c"), score_from=str(first), diffusion_steps=3, **kw))
+    no_model = Path(smac.main(_small(runs_dir=str(tmp_path / "d"), kappa=0.0, **kw))["run"])
+    assert not (no_model / "score_model.json").exists()  # κ = 0 never reads ε_ω, so never trains it
+
+
 def test_smac_bad_args(tmp_path, hopper_tiny):
     with pytest.raises(SystemExit, match="kappa"):
         smac.main(_small(dataset=hopper_tiny, kappa=-1.0, runs_dir=str(tmp_path)))
