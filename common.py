@@ -623,13 +623,16 @@ class SeemMonitor:
         self.probe = True
 
     def __call__(self, step: int, critic_params, next_actions: Callable, data: Callable | None = None) -> dict:
-        """Per-seed SEEM of the seed-stacked `critic_params`; `next_actions(i, next_obs)` is seed i's π(s').
-        Online, `data()` gives the transitions to draw the probe from at the first measurement."""
+        """Per-seed SEEM of the seed-stacked `critic_params`, the parameters of the one critic measured
+        (Q_θ1 alone: P, in Φ's 1/√P, counts every parameter given, and is logged as seem_num_params);
+        `next_actions(i, next_obs)` is seed i's π(s'). Online, `data()` gives the transitions to draw
+        the probe from at the first measurement."""
         if not self.every or step % self.every:
             return {}
         if self.probe is None:
             self.draw(data())
-        out = {"seem": [], "seem_normalized": [], "seem_converged": []}
+        num_params = sum(x[0].size for x in jax.tree.leaves(critic_params))
+        out = {"seem": [], "seem_normalized": [], "seem_converged": [], "seem_num_params": []}
         for i in range(jax.tree.leaves(critic_params)[0].shape[0]):
             probe = (self.obs, self.act, self.next_obs, np.asarray(next_actions(i, self.next_obs)))
             lam, lam_n, converged = seem(self.q_fn, tree_index(critic_params, i), probe, self.gamma,
@@ -637,6 +640,7 @@ class SeemMonitor:
             out["seem"].append(lam)
             out["seem_normalized"].append(lam_n)
             out["seem_converged"].append(float(converged))
+            out["seem_num_params"].append(num_params)
             self.positive[i] = self.positive.get(i, 0) + 1 if lam_n > self.threshold else 0
             if self.positive[i] == 2:
                 print(f"\nwarning: SEEM has stayed positive ({lam_n:.3f} normalised) for seed index {i}: Q divergence "

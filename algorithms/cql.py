@@ -451,16 +451,19 @@ def main(args: Args) -> dict:
     evaluator = common.Evaluator(dataset.make_env, run.seeds, args.eval_episodes,
                                  policy=lambda params, obs: jnp.tanh(agent.actor.apply(params, obs)[0]))
     q1 = MLP(args.critic_hidden, 1, args.orthogonal_init, args.critic_layernorm)  # SEEM of Q_θ1 alone
-    seem = common.SeemMonitor(args.seem_every, data, lambda p, s, a: q1.apply(
-        {"params": jax.tree.map(lambda x: x[0], p["params"]["VmapMLP_0"])}, jnp.concatenate([s, a], -1))[:, 0],
-        args.gamma)
+
+    def q1_params(critic):  # SEEM's P counts the parameters given: Q1's alone (seeds on axis 0, twins on 1)
+        return {"params": jax.tree.map(lambda x: x[:, 0], critic["params"]["VmapMLP_0"])}
+
+    seem = common.SeemMonitor(args.seem_every, data, lambda p, s, a: q1.apply(p, jnp.concatenate([s, a], -1))[:, 0],
+                              args.gamma)
     mean_action = jax.jit(lambda params, obs: jnp.tanh(agent.actor.apply(params, obs)[0]))
 
     def evaluate(state, step):
         returns = evaluator(state.actor_params, step)
         if step > args.total_steps:
             return returns
-        return returns, seem(step, state.critic_params,
+        return returns, seem(step, q1_params(state.critic_params),
                              lambda i, s: mean_action(common.tree_index(state.actor_params, i), s))
 
     chunk = jax.jit(jax.vmap(partial(train_chunk, agent=agent, num_updates=args.eval_every), in_axes=(0, None)),

@@ -325,8 +325,11 @@ def main(args: Args) -> dict:
     evaluator = common.Evaluator(make_env, run.seeds, args.eval_episodes,
                                  policy=lambda params, obs: jnp.tanh(agent.actor.apply(params, obs)[0]))
     q1 = Critic(args.hidden)  # SEEM of Q_θ1 alone
-    seem = common.SeemMonitor(args.seem_every, None, lambda p, s, a: q1.apply(
-        {"params": jax.tree.map(lambda x: x[0], p["params"]["VmapCritic_0"])}, s, a), args.gamma)
+
+    def q1_params(critic):  # SEEM's P counts the parameters given: Q1's alone (seeds on axis 0, twins on 1)
+        return {"params": jax.tree.map(lambda x: x[:, 0], critic["params"]["VmapCritic_0"])}
+
+    seem = common.SeemMonitor(args.seem_every, None, lambda p, s, a: q1.apply(p, s, a), args.gamma)
     mean_action = jax.jit(lambda params, obs: jnp.tanh(agent.actor.apply(params, obs)[0]))
 
     def evaluate(state, step):
@@ -335,7 +338,7 @@ def main(args: Args) -> dict:
             return {k: np.asarray(v[0, :size]) for k, v in state.buffer.data.items()}
 
         return evaluator(state.actor_params, step), seem(
-            step, state.critic_params, lambda i, s: mean_action(common.tree_index(state.actor_params, i), s),
+            step, q1_params(state.critic_params), lambda i, s: mean_action(common.tree_index(state.actor_params, i), s),
             first_seed_buffer)
 
     step_fn = jax.jit(jax.vmap(partial(env_step, agent=agent, learning_starts=args.learning_starts),

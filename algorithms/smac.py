@@ -641,15 +641,15 @@ def main(args: Args) -> dict:
     evaluator = common.Evaluator(dataset.make_env, run.seeds, args.eval_episodes,
                                  policy=lambda params, obs: jnp.tanh(agent.actor.apply(params, obs)[0]))
     q1 = MLP(args.hidden, 1, args.critic_layernorm)
-    seem = common.SeemMonitor(args.seem_every, data, lambda p, s, a: q1.apply(
-        {"params": p["params"]["q1"]}, jnp.concatenate([s, a], -1))[:, 0], args.gamma)
+    seem = common.SeemMonitor(args.seem_every, data, lambda p, s, a: q1.apply(p, jnp.concatenate([s, a], -1))[:, 0],
+                              args.gamma)
     mean_action = jax.jit(lambda params, obs: jnp.tanh(agent.actor.apply(params, obs)[0]))
 
     def evaluate(state, step):
         returns = evaluator(state.actor_params, step)
         if step > args.total_steps:
             return returns
-        return returns, seem(step, state.critic_params,
+        return returns, seem(step, {"params": state.critic_params["params"]["q1"]},  # Q1's alone: P counts them
                              lambda i, s: mean_action(common.tree_index(state.actor_params, i), s))
 
     chunk = jax.jit(jax.vmap(partial(train_chunk, agent=agent, num_updates=args.eval_every), in_axes=(0, None)),

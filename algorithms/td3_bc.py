@@ -16,7 +16,8 @@ dynamics (`common.seem`, logged with `--seem-every`), and cure it with LayerNorm
 (`--critic-layernorm`: Linear -> LayerNorm -> ReLU in each hidden layer). Their divergence setting is
 pure offline TD3: `--bc-alpha 0 --tau 1.0` (no BC term, hard target copies). `--optimizer sgd`,
 `--gamma`, `--data-fraction` and `--num-transitions` reproduce their other studies.
-`--online-steps` continues TD3+BC online (exploration noise 0.1, buffer seeded with the dataset).
+`--online-steps` continues TD3+BC online (exploration noise 0.1, buffer seeded with the dataset; one
+critic update per environment step, the actor and targets every `--policy-delay`-th, as TD3).
 
 Run: python -m algorithms.td3_bc --dataset offlax/walker2d/medium-expert-v0 --bc-alpha 0 --tau 1 --seem-every 10000
 """
@@ -207,21 +208,24 @@ def critic_update(state: TrainState, batch, agent: Agent):
     state = state.replace(critic_params=optax.apply_updates(state.critic_params, updates), critic_opt=opt, key=key)
     # ‖θ‖ beside |Q|: SEEM's theory predicts how both grow once the critic self-excites
     return state, {"critic_loss": loss, "q_mean": q.mean(), "q_abs_max": jnp.abs(q).max(),
-                   "critic_param_norm": optax.global_norm(state.critic_params)}
+                   "critic_param_norm": optax.tree.norm(state.critic_params)}
+
+
+def actor_loss(actor_params, critic_params, batch, agent: Agent):
+    """−λ Q_θ1(s, π(s)) + α_bc (π(s) − a)² with λ = α / mean|Q_θ1| (no gradient through λ); (loss, bc)."""
+    a = agent.args
+    pi = agent.actor.apply(actor_params, batch["observations"])
+    q = agent.critic.apply(critic_params, batch["observations"], pi)[0]
+    lam = a.alpha / jax.lax.stop_gradient(jnp.abs(q).mean())
+    bc = jnp.mean((pi - batch["actions"]) ** 2)
+    return -lam * q.mean() + a.bc_alpha * bc, bc
 
 
 def actor_update(state: TrainState, batch, agent: Agent):
     """The TD3+BC actor step, then both target networks move by τ."""
     a = agent.args
-
-    def actor_loss(params):
-        pi = agent.actor.apply(params, batch["observations"])
-        q = agent.critic.apply(state.critic_params, batch["observations"], pi)[0]
-        lam = a.alpha / jax.lax.stop_gradient(jnp.abs(q).mean())
-        bc = jnp.mean((pi - batch["actions"]) ** 2)
-        return -lam * q.mean() + a.bc_alpha * bc, bc
-
-    (loss, bc), grads = jax.value_and_grad(actor_loss, has_aux=True)(state.actor_params)
+    (loss, bc), grads = jax.value_and_grad(actor_loss, has_aux=True)(state.actor_params, state.critic_params,
+                                                                      batch, agent)
     updates, opt = agent.tx.update(grads, state.actor_opt, state.actor_params)
     actor_params = optax.apply_updates(state.actor_params, updates)
     state = state.replace(
@@ -263,17 +267,25 @@ def explore(agent: Agent, actor_params, obs, key):
 
 
 def online_step(state: TrainState, transition, next_obs, t, obs_mean, obs_std, agent: Agent):
-    """Store the transition (states normalised as the dataset's), update every `policy_delay`
-    steps as a group, act at s' with exploration noise."""
+    """Store the transition (states normalised as the dataset's), one critic update, and on every
+    `policy_delay`-th step the actor and target updates (TD3's online schedule: one critic update per
+    environment step); act at s' with exploration noise."""
     norm = lambda o: (o - obs_mean) / obs_std  # noqa: E731
     row = {k: transition[k] for k in common.TRANSITION_KEYS}
     row["observations"], row["next_observations"] = norm(row["observations"]), norm(row["next_observations"])
     state = state.replace(buffer=state.buffer.add(jax.tree.map(lambda x: x[None], row)))
-    sample = lambda k: state.buffer.sample(k, agent.args.batch_size)  # noqa: E731
-    state, metrics = update_group(state, sample, agent)
-    key, k_act = jax.random.split(state.key)
-    return state.replace(key=key), explore(agent, state.actor_params, norm(next_obs), k_act), \
-        jax.tree.map(jnp.mean, metrics)
+    key, k_batch, k_act = jax.random.split(state.key, 3)
+    batch = state.buffer.sample(k_batch, agent.args.batch_size)
+    state, metrics = critic_update(state.replace(key=key), batch, agent)
+
+    def skip_actor(state):  # the current actor's losses, so that every logged value is a real one
+        loss, bc = actor_loss(state.actor_params, state.critic_params, batch, agent)
+        return state, {"actor_loss": loss, "bc_loss": bc}
+
+    # t is shared by all seeds (not vmapped), so this stays a real branch under vmap
+    state, m_actor = jax.lax.cond((t + 1) % agent.args.policy_delay == 0, lambda s: actor_update(s, batch, agent),
+                                  skip_actor, state)
+    return state, explore(agent, state.actor_params, norm(next_obs), k_act), dict(metrics, **m_actor)
 
 
 def first_action(state: TrainState, obs, obs_mean, obs_std, agent: Agent):
@@ -322,14 +334,17 @@ def main(args: Args) -> dict:
     evaluator = common.Evaluator(dataset.make_env, run.seeds, args.eval_episodes,
                                  policy=lambda params, obs: agent.actor.apply(params, (obs - mean) / std))
     q1 = MLP(args.hidden, 1, args.critic_layernorm)  # SEEM of Q_θ1 alone, as the authors' code
-    seem = common.SeemMonitor(args.seem_every, data, lambda p, s, a: q1.apply(
-        {"params": jax.tree.map(lambda x: x[0], p["params"]["VmapMLP_0"])}, jnp.concatenate([s, a], -1))[:, 0],
-        args.gamma)
+
+    def q1_params(critic):  # SEEM's P counts the parameters given: Q1's alone (seeds on axis 0, twins on 1)
+        return {"params": jax.tree.map(lambda x: x[:, 0], critic["params"]["VmapMLP_0"])}
+
+    seem = common.SeemMonitor(args.seem_every, data, lambda p, s, a: q1.apply(p, jnp.concatenate([s, a], -1))[:, 0],
+                              args.gamma)
     act = jax.jit(agent.actor.apply)
 
     def evaluate(state, step):
         returns = evaluator(state.actor_params, step)
-        extra = seem(step, state.critic_params,
+        extra = seem(step, q1_params(state.critic_params),
                      lambda i, s: act(common.tree_index(state.actor_params, i), s)) if step <= args.total_steps else {}
         return returns, extra
 

@@ -253,6 +253,10 @@ def sgd_section(runs: list[dict], plot: Path) -> list[str]:
         _, norm = series(run, "critic_param_norm")
         s_steps, seem_n = series(run, "seem_normalized")
         _, lam = series(run, "seem")
+        # λ belongs to Φ scaled by 1/√P with P = Q1's parameter count. Runs before the scripts logged
+        # seem_num_params passed both twin critics' parameters, so they divided by 2P: rescale those.
+        logged = series(run, "seem_num_params")[1] if any("seem_num_params" in r for r in run["offline"]) else 2 * p
+        lam = lam * logged / p
         bound = q_bound(run["dataset"], a["gamma"])
         blow = first_step_above(steps, qmax, bound)
         c = crash(run)

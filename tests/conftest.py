@@ -93,3 +93,9 @@ def interrupt_after(monkeypatch):
         monkeypatch.setattr(common.Run, "save", save_then_stop)
 
     return arm
+
+
+def q1_param_count(in_dim: int, hidden: tuple[int, ...], layernorm: bool = False) -> int:
+    """Parameters of one critic MLP on (s, a): SEEM's P, which must not count the twin Q2 too."""
+    widths = [in_dim, *hidden, 1]
+    return sum((a + 1) * b for a, b in zip(widths[:-1], widths[1:])) + (2 * sum(hidden) if layernorm else 0)

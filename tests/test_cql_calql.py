@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import q1_param_count
 from scipy.special import logsumexp
 
 import common
@@ -118,8 +119,9 @@ def test_offline_and_online_smoke(module, tmp_path, hopper_tiny):
     summary = module.main(module.Args(dataset=hopper_tiny, total_steps=100, eval_every=100, online_steps=200,
                                       num_seeds=2, eval_episodes=1, hidden=(16, 16), critic_hidden=(16, 16),
                                       cql_n_actions=2, batch_size=32, runs_dir=str(tmp_path), checkpoint_every=100,
-                                      cql_lagrange=True))
+                                      cql_lagrange=True, seem_every=100))
     rows = _rows(summary["run"])
+    assert rows[0]["seem_num_params"] == [q1_param_count(11 + 3, (16, 16))] * 2  # Q1's alone
     assert [(r["step"], r["phase"]) for r in rows] == [(100, "offline"), (200, "online"), (300, "online")]
     # Hopper episodes under a random policy end within 200 steps: whole trajectories were learned on
     assert sum(sum(r["num_updates"]) for r in rows[1:]) > 0

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import q1_param_count
 
 import common
 from algorithms import iql
@@ -120,8 +121,9 @@ def _rows(run_dir):
 def test_iql_offline_and_online_smoke(tmp_path, hopper_tiny):
     summary = iql.main(iql.Args(dataset=hopper_tiny, total_steps=200, eval_every=100, online_steps=200,
                                 num_seeds=2, eval_episodes=2, hidden=(32, 32), runs_dir=str(tmp_path),
-                                checkpoint_every=100, critic_layernorm=True))
+                                checkpoint_every=100, critic_layernorm=True, seem_every=100))
     rows = _rows(summary["run"])
+    assert rows[0]["seem_num_params"] == [q1_param_count(11 + 3, (32, 32), layernorm=True)] * 2  # Q1's alone
     assert [(r["step"], r["phase"]) for r in rows] == [(100, "offline"), (200, "offline"), (300, "online"),
                                                        (400, "online")]
     assert rows[-1]["env_steps"] == 200 and np.isfinite(summary["last_mean"])

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import q1_param_count
 
 from benchmarks import offlax_suite
 from algorithms import sac
@@ -74,9 +75,11 @@ def test_sac_resume_equals_uninterrupted(tmp_path, interrupt_after):
 
 
 def test_sac_snapshots_are_written(tmp_path):
-    summary = sac.main(_args(tmp_path, total_steps=1000, snapshot_every=500))
+    summary = sac.main(_args(tmp_path, total_steps=1000, snapshot_every=500, seem_every=500))
     names = sorted(p.name for p in (Path(summary["run"]) / "policies").iterdir())
     assert names == ["step_0000500_seed0.npz", "step_0001000_seed0.npz"]
+    rows = _rows(summary["run"])
+    assert [r["seem_num_params"] for r in rows] == [[q1_param_count(4 + 1, (32, 32))]] * 2  # Q1's alone
 
 
 def test_sac_learns_pendulum(tmp_path):

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import q1_param_count
 
 from algorithms import smac
 
@@ -135,13 +136,14 @@ def _small(**kw):
 def test_smac_offline_then_online_smoke(tmp_path, hopper_tiny, online_algo, optimizer, extra):
     summary = smac.main(_small(dataset=hopper_tiny, score_steps=200, total_steps=200, eval_every=100,
                                online_steps=200, online_algo=online_algo, optimizer=optimizer, num_seeds=2,
-                               checkpoint_every=100, runs_dir=str(tmp_path), **extra))
+                               checkpoint_every=100, seem_every=100, runs_dir=str(tmp_path), **extra))
     rows = [json.loads(x) for x in (Path(summary["run"]) / "metrics.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in rows] == ["offline", "offline", "online", "online"]
     assert all(np.all(np.isfinite(r["critic_loss"])) for r in rows)
     assert rows[0]["sm_loss"][0] > 0  # the regulariser is on offline
     assert json.loads((Path(summary["run"]) / "score_model.json").read_text())["updates"] == 200
     assert np.isfinite(summary["last_mean"])
+    assert rows[0]["seem_num_params"] == [q1_param_count(11 + 3, (32, 32))] * 2  # Q1's alone
     if "alpha" in extra:  # a fixed temperature stays fixed
         np.testing.assert_allclose(rows[1]["alpha"], [0.1, 0.1], rtol=1e-6)
     else:  # the default α_ψ is negative at every state

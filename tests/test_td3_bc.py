@@ -3,12 +3,16 @@
 
 import dataclasses
 import json
+from functools import partial
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import q1_param_count
 
+import common
 from algorithms import td3_bc
 
 
@@ -64,6 +68,7 @@ def test_td3_bc_offline_online_smoke(tmp_path, hopper_tiny):
     assert [(r["step"], r["phase"]) for r in rows] == [(100, "offline"), (200, "offline"), (300, "online"),
                                                        (400, "online")]
     assert len(rows[0]["seem"]) == 2 and "seem" not in rows[-1]
+    assert rows[0]["seem_num_params"] == [q1_param_count(11 + 3, (16, 16), layernorm=True)] * 2  # Q1's alone
     assert np.isfinite(summary["last_mean"])
 
 
@@ -72,3 +77,29 @@ def test_td3_bc_rejects_bad_arguments(tmp_path, hopper_tiny):
         td3_bc.main(td3_bc.Args(dataset=hopper_tiny, eval_every=101, total_steps=101, runs_dir=str(tmp_path)))
     with pytest.raises(SystemExit, match="--tau and --gamma"):
         td3_bc.main(td3_bc.Args(dataset=hopper_tiny, tau=0.0, runs_dir=str(tmp_path)))
+
+
+def test_online_schedule_one_critic_update_per_step_actor_every_second():
+    """TD3 online: each environment step updates the critic once; the actor (and both targets)
+    only on every `policy_delay`-th step."""
+    agent = td3_bc.make_agent(td3_bc.Args(hidden=(8, 8)), obs_dim=3, act_dim=2)
+    rng = np.random.default_rng(0)
+    rows = {"observations": rng.normal(size=(50, 3)), "actions": rng.uniform(-1, 1, (50, 2)),
+            "rewards": rng.normal(size=50), "next_observations": rng.normal(size=(50, 3)), "terminals": np.zeros(50)}
+    rows = {k: jnp.asarray(v, jnp.float32) for k, v in rows.items()}
+    state = td3_bc.create_state(jax.random.PRNGKey(0), agent, 3, 2)
+    state = state.replace(buffer=common.ReplayBuffer.create({k: v[0] for k, v in rows.items()}, 100, initial=rows))
+    transition = {k: v[0] for k, v in rows.items()} | {"episode_ends": jnp.zeros(())}
+    step = jax.jit(partial(td3_bc.online_step, agent=agent))
+
+    def differs(a, b):
+        return not all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+    changed = []
+    for t in range(4):
+        new, _, metrics = step(state, transition, rows["observations"][1], t, jnp.zeros(3), jnp.ones(3))
+        changed.append((differs(new.critic_params, state.critic_params), differs(new.actor_params, state.actor_params),
+                        differs(new.target_critic_params, state.target_critic_params)))
+        assert np.isfinite(float(metrics["actor_loss"]))
+        state = new
+    assert changed == [(True, False, False), (True, True, True)] * 2
