@@ -22,7 +22,8 @@ Each option takes run folders or folders holding them (a sweep's --out); the run
                u ← (I + (2ηP/N)·A) u (one update of the mean-squared TD loss on a batch drawn from
                the data, target = online, P parameters, N probe points), so the fastest mode grows
                by ln(1 + 2ηP·λ_max/N) per update; against it, the measured growth of ln max|Q|
-               per update between consecutive logs.
+               per update between consecutive logs. λ_max is for Φ scaled by 1/√P with P Q1's own
+               parameter count (runs that logged no seem_num_params had used both twins': rescaled).
   scarce       each seed's mean over its final `--last-evals` evaluations (normalised score);
                mean ± std (ddof 0) over seeds, and the difference of the means (with − without LN).
 """
