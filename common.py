@@ -40,6 +40,7 @@ REPO_ROOT = Path(__file__).resolve().parent
 FIELDS = ("observations", "actions", "rewards", "next_observations", "terminals", "episode_ends")
 TRANSITION_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals")  # what TD needs
 CACHE_NAME = "offlax_flat.npz"
+CACHE_VERSION = 1  # part of the cache's fingerprint: raise it when flatten_episodes changes
 
 # The offlax suite: D4RL's recipe on Gymnasium v5, with D4RL's reference scores (random, expert).
 OFFLAX_ENVS = {
@@ -97,7 +98,12 @@ class Dataset:
     def make_env(self) -> gym.Env:
         if self.env_spec is None:
             raise DataError(f"dataset {self.id} stores no environment spec: it cannot be evaluated")
-        env = gym.make(self.env_spec)
+        try:
+            env = gym.make(self.env_spec)
+        except Exception as e:  # e.g. a namespace whose package is missing (gymnasium-robotics)
+            raise DataError(f"the environment of dataset {self.id} cannot be made ({type(e).__name__}: {e}); "
+                            f"install the package that registers it (AntMaze and Adroit: pip install "
+                            f"gymnasium-robotics)") from e
         if isinstance(env.observation_space, gym.spaces.Dict):
             env = gym.wrappers.FlattenObservation(env)
         return env
@@ -172,6 +178,9 @@ def load_dataset(dataset_id: str) -> Dataset:
         env.close()
     obs_shape = obs_space.shape if obs_space.shape is not None else (gym.spaces.flatdim(obs_space),)
     validate_transitions(arrays, obs_shape, act_space.low, act_space.high, dataset_id)
+    # train in the box the policy will act in (the environment's), not the one the dataset declares
+    dataset.action_low = np.asarray(act_space.low, np.float32)
+    dataset.action_high = np.asarray(act_space.high, np.float32)
     return dataset
 
 
@@ -228,7 +237,7 @@ def flatten_episodes(mds) -> dict[str, np.ndarray]:
 def _cached_flat_arrays(mds, data_dir: Path) -> dict[str, np.ndarray]:
     """Flat arrays from the cache beside the dataset, rebuilt when the dataset files change."""
     sources = sorted(p for p in data_dir.iterdir() if p.name != CACHE_NAME and not p.name.endswith(".tmp"))
-    fingerprint = json.dumps([[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sources])
+    fingerprint = json.dumps([CACHE_VERSION, [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sources]])
     cache = data_dir / CACHE_NAME
     if cache.exists():
         try:
@@ -238,7 +247,10 @@ def _cached_flat_arrays(mds, data_dir: Path) -> dict[str, np.ndarray]:
         except Exception:  # a damaged cache is rebuilt below, never trusted
             pass
     arrays = flatten_episodes(mds)
-    _atomic_savez(cache, fingerprint=np.array(fingerprint), **arrays)
+    try:
+        _atomic_savez(cache, fingerprint=np.array(fingerprint), **arrays)
+    except OSError as e:  # a read-only or full disk costs only the speed-up, never the dataset
+        print(f"warning: could not write the dataset cache {cache} ({e}); continuing without it", file=sys.stderr)
     return arrays
 
 
@@ -248,6 +260,17 @@ def validate_transitions(arrays, obs_shape, action_low, action_high, name="datas
     for k in FIELDS:
         if len(arrays[k]) != n:
             raise DataError(f"{name}: field '{k}' has {len(arrays[k])} rows but 'observations' has {n}")
+    for k in ("rewards", "terminals", "episode_ends"):  # (n, 1) would broadcast TD targets to (B, B)
+        if np.ndim(arrays[k]) != 1:
+            raise DataError(f"{name}: field '{k}' has shape {np.shape(arrays[k])}; it must hold one value per "
+                            f"transition, shape ({n},)")
+    low, high = np.asarray(action_low, np.float64), np.asarray(action_high, np.float64)
+    if not (np.isfinite(low).all() and np.isfinite(high).all() and (low < high).all()):
+        raise DataError(f"{name}: the action space [{low}, {high}] is not a finite box with low < high; the "
+                        f"algorithms here act in a bounded box")
+    if tuple(arrays["actions"].shape[1:]) != low.shape:
+        raise DataError(f"{name}: field 'actions' has shape {arrays['actions'].shape[1:]} per step but the "
+                        f"action space has shape {low.shape}")
     for k in FIELDS:
         finite = np.isfinite(arrays[k]).reshape(n, -1).all(axis=1)
         if not finite.all():
@@ -268,7 +291,7 @@ def validate_transitions(arrays, obs_shape, action_low, action_high, name="datas
 
 def _atomic_savez(path: Path, **arrays) -> None:
     """np.savez to a temporary file, then rename: readers never see a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process: concurrent writers never collide
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
     os.replace(tmp, path)
@@ -371,6 +394,8 @@ class ReplayBuffer:
         `count` (may be traced), only the first `count` rows are added: a variable-length
         trajectory held in a fixed-size array."""
         k = jax.tree.leaves(transitions)[0].shape[0]
+        if k > self.capacity:  # the same slot would be written twice, with no defined winner
+            raise ValueError(f"adding {k} transitions at once to a buffer of capacity {self.capacity}")
         n = k if count is None else count
         idx = jnp.where(jnp.arange(k) < n, (self.pos + jnp.arange(k)) % self.capacity, self.capacity)
         data = {name: self.data[name].at[idx].set(transitions[name], mode="drop") for name in self.data}
@@ -663,8 +688,11 @@ def resume_args(args):
         return args
     path = Path(args.resume) / "config.json"
     if not path.exists():
-        raise FileNotFoundError(f"--resume {args.resume}: no config.json there; pass a run folder "
-                                f"made by this script (runs/<algo>__<dataset>__<time>/)")
+        raise SystemExit(f"--resume {args.resume}: no config.json there; pass a run folder "
+                         f"made by this script (runs/<algo>__<dataset>__<time>/)")
+    if not (Path(args.resume) / "checkpoint.npz").exists():  # resuming would restart it in place, over its log
+        raise SystemExit(f"--resume {args.resume}: no checkpoint.npz there (the run stopped before its first "
+                         f"checkpoint), so there is nothing to resume; start the run again without --resume")
     saved = json.loads(path.read_text())["args"]
     fields = {f.name for f in dataclasses.fields(args)}
     # JSON has no tuples: give tuple-valued fields (network widths) their type back
@@ -686,6 +714,11 @@ class Run:
         self.args, self.total = args, total_steps
         self.ref_scores = ref_scores  # (random, expert) returns; (None, None) logs raw returns only
         self.seeds = [args.seed + i for i in range(args.num_seeds)]
+        for name in ("last_evals", "checkpoint_every"):  # fields most scripts share
+            if getattr(args, name, 1) < 1:
+                raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+        if getattr(args, "seem_every", 0) % getattr(args, "eval_every", 1):  # SEEM is measured at evaluations
+            raise SystemExit(f"--seem-every ({args.seem_every}) must be a multiple of --eval-every ({args.eval_every})")
         if getattr(args, "resume", None):
             self.dir = Path(args.resume)
         else:

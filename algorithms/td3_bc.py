@@ -10,7 +10,8 @@ TD3 with a behaviour-cloning term in the actor loss, on normalised states:
     L_π  = −λ E[Q_θ1(s, π_φ(s))] + c · E‖π_φ(s) − a‖²,   λ = α / E|Q_θ1(s, π_φ(s))|  (no gradient)
     every 2nd critic update: the actor update, then θ̄ ← τ θ + (1 − τ) θ̄ and φ̄ ← τ φ + (1 − τ) φ̄
 
-Defaults are TD3+BC's (α = 2.5, c = 1, τ = 0.005, Adam 3e-4, batch 256, 256x256 networks).
+Defaults are TD3+BC's (α = 2.5, c = 1, τ = 0.005, Adam 3e-4, batch 256, 256x256 networks); the
+weights start from flax's default (LeCun-normal kernels, zero biases), not PyTorch's uniform one.
 Yue et al. explain Q divergence in offline TD by SEEM, the largest eigenvalue of the linearised TD
 dynamics (`common.seem`, logged with `--seem-every`), and cure it with LayerNorm in the critic
 (`--critic-layernorm`: Linear -> LayerNorm -> ReLU in each hidden layer). Their divergence setting is

@@ -20,6 +20,8 @@ class Args:  # the fields common.Run reads from a script's Args
     wandb: bool = False
     dataset: str = "d/x-v0"
     last_evals: int = 1
+    eval_every: int = 100
+    seem_every: int = 0
 
 
 def _offline(n=1000):
@@ -48,6 +50,18 @@ def test_replay_buffer_ring_and_seeding():
     np.testing.assert_array_equal(buf.data["x"][:, 0], [7, 7, 1, 7, 7])  # the two oldest overwritten
     with pytest.raises(ValueError, match="capacity 2 is smaller"):
         common.ReplayBuffer.create(example, capacity=2, initial={"x": jnp.ones((3, 2))})
+    with pytest.raises(ValueError, match="adding 6 transitions at once to a buffer of capacity 5"):
+        buf.add({"x": jnp.ones((6, 2))})
+
+
+def test_resume_without_checkpoint_and_bad_run_args_are_refused(tmp_path):
+    run = common.Run("test", Args(runs_dir=str(tmp_path)), total_steps=200)  # config.json, no checkpoint yet
+    with pytest.raises(SystemExit, match="no checkpoint.npz there .* without --resume"):
+        common.resume_args(Args(runs_dir=str(tmp_path), resume=str(run.dir)))
+    with pytest.raises(SystemExit, match="--last-evals must be at least 1"):
+        common.Run("test", Args(runs_dir=str(tmp_path / "b"), last_evals=0), total_steps=200)
+    with pytest.raises(SystemExit, match=r"--seem-every \(150\) must be a multiple of --eval-every \(100\)"):
+        common.Run("test", Args(runs_dir=str(tmp_path / "c"), seem_every=150), total_steps=200)
 
 
 def test_replay_buffer_adds_only_the_first_count_rows():
@@ -76,7 +90,7 @@ def test_checkpoint_roundtrip_and_atomic(tmp_path):
              "buffer": common.ReplayBuffer.create({"x": jnp.zeros(2)}, 4)}
     path = tmp_path / "checkpoint.npz"
     common.save_checkpoint(path, state, step=1234)
-    assert not (tmp_path / "checkpoint.npz.tmp").exists()
+    assert not list(tmp_path.glob("*.tmp"))
     template = jax.tree.map(jnp.zeros_like, state)
     restored, step, extra = common.load_checkpoint(path, template)
     assert extra == {}

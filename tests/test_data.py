@@ -82,6 +82,18 @@ def test_flat_cache_is_used_and_refreshed(minari_root):
         assert "fingerprint" in f
 
 
+def test_unwritable_cache_only_warns(minari_root, monkeypatch, capsys):
+    dataset_id = "test/invertedpendulum/readonly-v0"
+    make_minari_dataset(dataset_id, pendulum_episodes(2, noise=0.3, seed=6))
+
+    def refuse(*_, **__):
+        raise OSError("Read-only file system")
+
+    monkeypatch.setattr(common, "_atomic_savez", refuse)
+    dataset = common.load_dataset(dataset_id)  # loads, where it once said "delete that folder"
+    assert len(dataset) > 0 and "could not write the dataset cache" in capsys.readouterr().err
+
+
 # ---- validation: each kind of corrupt data gets a clear error naming field and index ----
 
 def _arrays(n=5, obs_dim=4):
@@ -113,6 +125,15 @@ def test_validation_mismatched_lengths_and_shapes():
         common.validate_transitions(arrays, (4,), np.array([-1.0]), np.array([1.0]))
     with pytest.raises(common.DataError, match=r"shape \(4,\) per step .* shape \(11,\)"):
         common.validate_transitions(_arrays(), (11,), np.array([-1.0]), np.array([1.0]))
+    arrays = _arrays()
+    arrays["rewards"] = arrays["rewards"][:, None]  # (n, 1) would broadcast a TD target to (B, B)
+    with pytest.raises(common.DataError, match=r"'rewards' has shape \(5, 1\); it must hold one value"):
+        common.validate_transitions(arrays, (4,), np.array([-1.0]), np.array([1.0]))
+    with pytest.raises(common.DataError, match=r"'actions' has shape \(1,\) per step but the action space has "
+                                              r"shape \(2,\)"):
+        common.validate_transitions(_arrays(), (4,), -np.ones(2), np.ones(2))
+    with pytest.raises(common.DataError, match="not a finite box"):
+        common.validate_transitions(_arrays(), (4,), np.array([-np.inf]), np.array([np.inf]))
     common.validate_transitions(_arrays(), (4,), np.array([-1.0]), np.array([1.0]))  # a good one passes
 
 
