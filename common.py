@@ -392,9 +392,10 @@ class ReplayBuffer:
     def add(self, transitions: dict, count=None) -> "ReplayBuffer":
         """Adds a batch of transitions (leading axis), overwriting the oldest when full. With
         `count` (may be traced), only the first `count` rows are added: a variable-length
-        trajectory held in a fixed-size array."""
+        trajectory held in a fixed-size array (`count` must not exceed the capacity: it is traced, so
+        unchecked here; Cal-QL's trajectories are shorter than its buffer by construction)."""
         k = jax.tree.leaves(transitions)[0].shape[0]
-        if k > self.capacity:  # the same slot would be written twice, with no defined winner
+        if count is None and k > self.capacity:  # the same slot would be written twice, no defined winner
             raise ValueError(f"adding {k} transitions at once to a buffer of capacity {self.capacity}")
         n = k if count is None else count
         idx = jnp.where(jnp.arange(k) < n, (self.pos + jnp.arange(k)) % self.capacity, self.capacity)

@@ -82,7 +82,7 @@ def test_bad_arguments_are_explained(tmp_path, hopper_tiny):
         bc.main(_args(tmp_path, hopper_tiny, total_steps=250))
     with pytest.raises(SystemExit, match="--num-seeds must be at least 1"):
         bc.main(_args(tmp_path, hopper_tiny, num_seeds=0))
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(SystemExit, match="no config.json"):
         bc.main(bc.Args(resume=str(tmp_path / "nowhere")))
 
 
