@@ -97,3 +97,15 @@ def test_sac_learns_pendulum(tmp_path):
 def test_sac_rejects_bad_arguments(tmp_path):
     with pytest.raises(SystemExit, match="multiples of --eval-every"):
         sac.main(_args(tmp_path, checkpoint_every=700))
+
+
+def test_vmapped_seeds_equal_single_seed_runs(tmp_path):
+    """Two seeds in one vmapped process act, learn and evaluate as two separate runs would:
+    per-seed keys, per-seed environment resets and per-seed buffers never mix."""
+    kw = dict(total_steps=800, eval_every=400, checkpoint_every=400)
+    both = _rows(sac.main(_args(tmp_path / "a", seed=3, num_seeds=2, **kw))["run"])
+    one = _rows(sac.main(_args(tmp_path / "b", seed=3, **kw))["run"])
+    two = _rows(sac.main(_args(tmp_path / "c", seed=4, **kw))["run"])
+    for rb, r1, r2 in zip(both, one, two):
+        np.testing.assert_allclose(rb["critic_loss"], r1["critic_loss"] + r2["critic_loss"], rtol=1e-3)
+        np.testing.assert_allclose(rb["returns"], r1["returns"] + r2["returns"], rtol=1e-3)
