@@ -74,7 +74,9 @@ class Args:
     wandb: bool = False
     """Also log to Weights & Biases (needs `pip install wandb`)."""
     seem_every: int = 0
-    """Log SEEM (largest eigenvalue of the TD dynamics, on a fixed probe of 2,560 transitions) every this many offline updates (X* uses the actor's mean action); 0: never."""
+    """Log SEEM of Q_θ1 (on a fixed probe of 2,560 transitions) every this many offline updates; 0: never.
+    X* = (s', mean action of the actor), Yue et al.'s definition; IQL's Q bootstraps through V(s') instead,
+    so here SEEM describes the Q-learning dynamics the critic would have, not IQL's exact ones."""
     # --- algorithm ---
     family: Literal["locomotion", "antmaze", "kitchen", "adroit"] = "locomotion"
     """Task family: sets the expectile, temperature, dropout and reward transform of the paper."""
