@@ -444,8 +444,11 @@ def get_env_states(envs: gym.vector.SyncVectorEnv) -> np.ndarray:
             spec = mujoco.mjtState.mjSTATE_INTEGRATION
             s["mujoco"] = np.empty(mujoco.mj_stateSize(u.model, spec))
             mujoco.mj_getState(u.model, u.data, s["mujoco"], spec)
-        else:  # classic control keeps its state in `state`
+        elif hasattr(u, "state"):  # classic control keeps its state in `state`
             s["state"] = np.array(u.state, copy=True)
+        else:
+            raise DataError(f"the state of environment {env.spec.id if env.spec else u} cannot be saved (it is "
+                            f"neither MuJoCo nor classic control), so online runs on it could not resume exactly")
         states.append(s)
     return np.frombuffer(pickle.dumps(states), np.uint8)
 
@@ -888,6 +891,7 @@ def train_online(run: Run, state, envs: gym.vector.SyncVectorEnv, step_fn: Calla
     resumed run equals an uninterrupted one.
     """
     low, high = envs.single_action_space.low, envs.single_action_space.high
+    get_env_states(envs)  # an environment whose state cannot be checkpointed fails now, not at the first save
     if "envs" in run.extra:  # resuming inside the online phase
         set_env_states(envs, run.extra["envs"])
         obs, action = run.extra["obs"], jnp.asarray(run.extra["action"])

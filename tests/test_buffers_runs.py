@@ -122,3 +122,23 @@ def test_run_summary_last_and_best(tmp_path):
     np.testing.assert_allclose(s["last_per_seed"], [(9 + 4) / 2, (2 + 7) / 2])  # mean of the last 2 evals
     np.testing.assert_allclose(s["best_per_seed"], [9, 7])
     assert json.loads((run.dir / "summary.json").read_text())["best_mean"] == 8
+
+
+def test_environment_without_savable_state_is_refused_up_front():
+    import gymnasium as gym
+
+    class Opaque(gym.Env):  # neither MuJoCo nor classic control: no way to snapshot it
+        observation_space = gym.spaces.Box(-1, 1, (1,))
+        action_space = gym.spaces.Box(-1, 1, (1,))
+
+        def reset(self, seed=None, options=None):
+            super().reset(seed=seed)
+            return np.zeros(1, np.float32), {}
+
+        def step(self, action):
+            return np.zeros(1, np.float32), 0.0, False, False, {}
+
+    envs = common.vector_env(lambda: gym.wrappers.TimeLimit(Opaque(), 10), 2)
+    envs.reset(seed=0)
+    with pytest.raises(common.DataError, match="cannot be saved"):
+        common.get_env_states(envs)
