@@ -418,6 +418,9 @@ def draw_curves(groups: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     datasets = list(dict.fromkeys(g["dataset"] for g in groups))
+    labels = list(dict.fromkeys(g["algo"] + (f" ({g['label']})" if g["label"] else "") for g in groups))
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = {label: palette[i % len(palette)] for i, label in enumerate(labels)}  # the same in every panel
     cols = min(3, len(datasets))
     rows = -(-len(datasets) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
@@ -430,8 +433,8 @@ def draw_curves(groups: list[dict], path: Path) -> None:
             if not len(steps):
                 continue
             label = g["algo"] + (f" ({g['label']})" if g["label"] else "")
-            (line,) = ax.plot(steps, mean, label=label, lw=1.4)
-            ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, lw=0)
+            ax.plot(steps, mean, label=label, lw=1.4, color=colour[label])
+            ax.fill_between(steps, low, high, color=colour[label], alpha=0.2, lw=0)
             starts |= {r["total_steps"] for r in g["runs"] if r["offline"] and r["online"]}
         for s in starts:
             ax.axvline(s, color="grey", ls="--", lw=0.9)
