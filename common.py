@@ -891,13 +891,13 @@ def train_online(run: Run, state, envs: gym.vector.SyncVectorEnv, step_fn: Calla
     resumed run equals an uninterrupted one.
     """
     low, high = envs.single_action_space.low, envs.single_action_space.high
-    get_env_states(envs)  # an environment whose state cannot be checkpointed fails now, not at the first save
     if "envs" in run.extra:  # resuming inside the online phase
         set_env_states(envs, run.extra["envs"])
         obs, action = run.extra["obs"], jnp.asarray(run.extra["action"])
         ep_return = run.extra["ep_return"]
     else:
         obs, _ = envs.reset(seed=[episode_seed(s, start, 0) for s in run.seeds])
+        get_env_states(envs)  # an environment whose state cannot be checkpointed fails now, not at the first save
         state, action = first_action(state, jnp.asarray(obs, jnp.float32))
         ep_return = np.zeros(len(run.seeds))
     chunk_metrics, train_returns, t0, compile_s = [], [], time.perf_counter(), 0.0
