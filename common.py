@@ -686,6 +686,22 @@ class DivergenceError(RuntimeError):
     """A loss or Q-value became NaN or inf. The message names the step and the quantity."""
 
 
+def check_run_args(args, *positive: str) -> None:
+    """The checks every script's Args share: counts of at least 1 (the shared ones and the script's
+    `positive` extras), and every step count a multiple of --eval-every, since a run logs, measures
+    SEEM, snapshots and saves only at its evaluations. Exits with a message naming the flag."""
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    for name in ("num_seeds", "total_steps", "eval_every", "eval_episodes", "batch_size", "last_evals",
+                 "checkpoint_every", *positive):
+        if hasattr(args, name) and getattr(args, name) < 1:
+            raise SystemExit(f"{flag(name)} must be at least 1, got {getattr(args, name)}")
+    for name in ("total_steps", "online_steps", "checkpoint_every", "seem_every", "snapshot_every"):
+        value = getattr(args, name, 0)
+        if value < 0 or value % args.eval_every:
+            raise SystemExit(f"{flag(name)} ({value}) must be a non-negative multiple of --eval-every "
+                             f"({args.eval_every})")
+
+
 def resume_args(args):
     """With --resume DIR, the run's saved config (the same dataclass type) replaces the CLI args."""
     if not getattr(args, "resume", None):
@@ -718,11 +734,6 @@ class Run:
         self.args, self.total = args, total_steps
         self.ref_scores = ref_scores  # (random, expert) returns; (None, None) logs raw returns only
         self.seeds = [args.seed + i for i in range(args.num_seeds)]
-        for name in ("last_evals", "checkpoint_every"):  # fields most scripts share
-            if getattr(args, name, 1) < 1:
-                raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-        if getattr(args, "seem_every", 0) % getattr(args, "eval_every", 1):  # SEEM is measured at evaluations
-            raise SystemExit(f"--seem-every ({args.seem_every}) must be a multiple of --eval-every ({args.eval_every})")
         if getattr(args, "resume", None):
             self.dir = Path(args.resume)
         else:

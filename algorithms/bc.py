@@ -62,11 +62,7 @@ class Args:
 
 
 def check_args(args: Args) -> None:
-    for name in ("num_seeds", "total_steps", "eval_every", "eval_episodes", "batch_size"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.total_steps % args.eval_every:
-        raise SystemExit(f"--total-steps ({args.total_steps}) must be a multiple of --eval-every ({args.eval_every})")
+    common.check_run_args(args)
     if not args.lr > 0:
         raise SystemExit(f"--lr must be positive, got {args.lr}")
 

@@ -132,12 +132,7 @@ class Args:
 
 
 def check_args(args: Args) -> None:
-    for name in ("num_seeds", "total_steps", "eval_every", "eval_episodes", "batch_size", "cql_n_actions"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.total_steps % args.eval_every or args.online_steps % args.eval_every \
-            or args.checkpoint_every % args.eval_every:
-        raise SystemExit("--total-steps, --online-steps and --checkpoint-every must be multiples of --eval-every")
+    common.check_run_args(args, "cql_n_actions")
     if not 0 <= args.mixing_ratio <= 1:
         raise SystemExit(f"--mixing-ratio must lie in [0, 1], got {args.mixing_ratio}")
     if not 0 < args.gamma < 1:

@@ -91,13 +91,7 @@ class Args:
 
 
 def check_args(args: Args) -> None:
-    for name in ("num_seeds", "total_steps", "eval_every", "eval_episodes", "batch_size", "buffer_size"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.total_steps % args.eval_every or args.checkpoint_every % args.eval_every \
-            or args.snapshot_every % args.eval_every or args.seem_every % args.eval_every:
-        raise SystemExit("--total-steps, --checkpoint-every, --snapshot-every and --seem-every must be multiples "
-                         "of --eval-every")
+    common.check_run_args(args, "buffer_size")
     if args.learning_starts < 1:
         raise SystemExit("--learning-starts must be at least 1 (the buffer needs a transition to sample)")
     if not 0 < args.gamma <= 1 or not 0 < args.tau <= 1:

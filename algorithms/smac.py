@@ -155,13 +155,7 @@ class Args:
 
 
 def check_args(args: Args) -> None:
-    for name in ("num_seeds", "total_steps", "eval_every", "eval_episodes", "batch_size", "diffusion_steps",
-                 "score_hidden", "score_blocks", "td3_policy_delay", "online_utd"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.total_steps % args.eval_every or args.online_steps % args.eval_every \
-            or args.checkpoint_every % args.eval_every:
-        raise SystemExit("--total-steps, --online-steps and --checkpoint-every must be multiples of --eval-every")
+    common.check_run_args(args, "diffusion_steps", "score_hidden", "score_blocks", "td3_policy_delay", "online_utd")
     if args.score_steps < 0 or args.online_steps < 0 or args.kappa < 0:
         raise SystemExit("--score-steps, --online-steps and --kappa must be >= 0")
     if args.batch_size < 2:

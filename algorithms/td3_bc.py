@@ -105,15 +105,9 @@ class Args:
 
 
 def check_args(args: Args) -> None:
-    for name in ("num_seeds", "total_steps", "eval_every", "eval_episodes", "batch_size", "policy_delay"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    common.check_run_args(args, "policy_delay")
     if args.eval_every % args.policy_delay:
         raise SystemExit(f"--eval-every must be a multiple of --policy-delay ({args.policy_delay})")
-    if args.total_steps % args.eval_every or args.online_steps % args.eval_every \
-            or args.checkpoint_every % args.eval_every or (args.seem_every and args.seem_every % args.eval_every):
-        raise SystemExit("--total-steps, --online-steps, --checkpoint-every and --seem-every must be multiples "
-                         "of --eval-every")
     if not 0 < args.tau <= 1 or not 0 < args.gamma <= 1:
         raise SystemExit("--tau and --gamma must lie in (0, 1]")
 

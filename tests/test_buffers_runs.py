@@ -59,9 +59,10 @@ def test_resume_without_checkpoint_and_bad_run_args_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint.npz there .* without --resume"):
         common.resume_args(Args(runs_dir=str(tmp_path), resume=str(run.dir)))
     with pytest.raises(SystemExit, match="--last-evals must be at least 1"):
-        common.Run("test", Args(runs_dir=str(tmp_path / "b"), last_evals=0), total_steps=200)
-    with pytest.raises(SystemExit, match=r"--seem-every \(150\) must be a multiple of --eval-every \(100\)"):
-        common.Run("test", Args(runs_dir=str(tmp_path / "c"), seem_every=150), total_steps=200)
+        common.check_run_args(Args(runs_dir=str(tmp_path), last_evals=0))
+    with pytest.raises(SystemExit, match=r"--seem-every \(150\) must be a non-negative multiple of --eval-every"):
+        common.check_run_args(Args(runs_dir=str(tmp_path), seem_every=150))
+    common.check_run_args(Args(runs_dir=str(tmp_path), seem_every=200))  # a good one passes
 
 
 def test_replay_buffer_adds_only_the_first_count_rows():

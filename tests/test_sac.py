@@ -95,7 +95,7 @@ def test_sac_learns_pendulum(tmp_path):
 
 
 def test_sac_rejects_bad_arguments(tmp_path):
-    with pytest.raises(SystemExit, match="multiples of --eval-every"):
+    with pytest.raises(SystemExit, match=r"--checkpoint-every \(700\) must be a non-negative multiple of --eval-every"):
         sac.main(_args(tmp_path, checkpoint_every=700))
 
 

@@ -74,7 +74,8 @@ def test_td3_bc_offline_online_smoke(tmp_path, hopper_tiny):
 
 def test_td3_bc_rejects_bad_arguments(tmp_path, hopper_tiny):
     with pytest.raises(SystemExit, match="multiple of --policy-delay"):
-        td3_bc.main(td3_bc.Args(dataset=hopper_tiny, eval_every=101, total_steps=101, runs_dir=str(tmp_path)))
+        td3_bc.main(td3_bc.Args(dataset=hopper_tiny, eval_every=101, total_steps=101, checkpoint_every=101,
+                                runs_dir=str(tmp_path)))
     with pytest.raises(SystemExit, match="--tau and --gamma"):
         td3_bc.main(td3_bc.Args(dataset=hopper_tiny, tau=0.0, runs_dir=str(tmp_path)))
 
