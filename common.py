@@ -429,9 +429,21 @@ def vector_env(make_env: Callable[[], gym.Env], n: int) -> gym.vector.SyncVector
     return gym.vector.SyncVectorEnv([make_env] * n, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
 
 
+# Model fields that environments change at reset (Adroit's pen orientation, door and nail positions,
+# the maze target site): not part of MuJoCo's integration state, so saved beside it.
+_RESET_MODEL_FIELDS = ("body_pos", "body_quat", "site_pos")
+
+
+def _mujoco_parts(u) -> list:
+    """The env itself and any sub-env it wraps (AntMaze's `ant_env`), each with its own RNG."""
+    return [u] + [v for k, v in sorted(vars(u).items()) if isinstance(v, gym.Env)]
+
+
 def get_env_states(envs: gym.vector.SyncVectorEnv) -> np.ndarray:
-    """Everything that decides the future of each sub-environment (MuJoCo integration state incl.
-    warm starts, time-limit counter, reset RNG), pickled into a byte array for a checkpoint."""
+    """Everything that decides the future of each sub-environment, pickled into a byte array for a
+    checkpoint: MuJoCo's integration state (incl. warm starts), the model fields set at reset, the
+    env's array and number attributes (goals, Adroit's target length), every reset RNG and the
+    time-limit counter."""
     import pickle
 
     import mujoco
@@ -439,11 +451,15 @@ def get_env_states(envs: gym.vector.SyncVectorEnv) -> np.ndarray:
     states = []
     for env in envs.envs:
         u = env.unwrapped
-        s = {"rng": u.np_random.bit_generator.state, "elapsed": _time_limit(env)._elapsed_steps}
+        s = {"rng": [p.np_random.bit_generator.state for p in _mujoco_parts(u)],
+             "elapsed": _time_limit(env)._elapsed_steps,
+             "attrs": {k: np.copy(v) if isinstance(v, np.ndarray) else v for k, v in vars(u).items()
+                       if isinstance(v, (np.ndarray, np.generic, int, float))}}
         if hasattr(u, "model") and hasattr(u, "data"):
             spec = mujoco.mjtState.mjSTATE_INTEGRATION
             s["mujoco"] = np.empty(mujoco.mj_stateSize(u.model, spec))
             mujoco.mj_getState(u.model, u.data, s["mujoco"], spec)
+            s["model"] = {f: getattr(u.model, f).copy() for f in _RESET_MODEL_FIELDS}
         elif hasattr(u, "state"):  # classic control keeps its state in `state`
             s["state"] = np.array(u.state, copy=True)
         else:
@@ -461,9 +477,15 @@ def set_env_states(envs: gym.vector.SyncVectorEnv, blob: np.ndarray) -> None:
     envs.reset()  # the wrappers insist on a reset before any step; everything it set is overwritten
     for env, s in zip(envs.envs, pickle.loads(np.asarray(blob, np.uint8).tobytes())):
         u = env.unwrapped
-        u.np_random.bit_generator.state = s["rng"]
+        rngs = [s["rng"]] if isinstance(s["rng"], dict) else s["rng"]  # checkpoints before the list
+        for part, rng in zip(_mujoco_parts(u), rngs):
+            part.np_random.bit_generator.state = rng
         _time_limit(env)._elapsed_steps = s["elapsed"]
+        for k, v in s.get("attrs", {}).items():
+            setattr(u, k, np.copy(v) if isinstance(v, np.ndarray) else v)
         if "mujoco" in s:
+            for f, v in s.get("model", {}).items():
+                getattr(u.model, f)[:] = v
             mujoco.mj_setState(u.model, u.data, s["mujoco"], mujoco.mjtState.mjSTATE_INTEGRATION)
         else:
             u.state = s["state"]
