@@ -23,6 +23,18 @@ Online fine-tuning (`--online-steps`) follows the paper: collect one trajectory 
 policy, compute its Monte-Carlo returns, store it, then run as many updates as it had steps; every
 batch is half offline data, half online (`--mixing-ratio`); the regulariser stays on.
 
+Defaults are the locomotion setting. The authors' AntMaze runs (`run_antmaze.sh`), on Minari's
+D4RL AntMaze data (rewards {0, 1} -> {−5, +5}; an episode that never reaches the goal has
+G = r_neg / (1 − γ) everywhere, the sparse-failure case):
+
+    python -m algorithms.cal_ql --dataset D4RL/antmaze/medium-diverse-v1 --reward-scale 10 \
+        --reward-bias -5 --sparse-failure-reward 0 --cql-lagrange --cql-target-gap 0.8 \
+        --critic-hidden 256 256 256 256 --online-steps 1000000 --eval-episodes 20
+
+Their Adroit runs use binary-reward variants of pen/door/relocate from their own fork, which
+Minari's D4RL Adroit data (dense rewards) are not; their settings there: --cql-weight 1,
+--hidden 512 512, --critic-hidden 512 512 512, --reward-scale 10 --reward-bias 5.
+
 Run: python -m algorithms.cal_ql --dataset offlax/hopper/medium-replay-v0 --online-steps 100000
 """
 

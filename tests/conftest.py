@@ -48,10 +48,10 @@ def pendulum_episodes(num_episodes: int, noise: float, seed: int, controller: bo
     return episodes
 
 
-def make_minari_dataset(dataset_id, episodes, env_id="InvertedPendulum-v5", **kwargs):
+def make_minari_dataset(dataset_id, episodes, env_id="InvertedPendulum-v5", env_kwargs=None, **kwargs):
     import minari
 
-    env = gym.make(env_id)
+    env = gym.make(env_id, **(env_kwargs or {}))
     return minari.create_dataset_from_buffers(
         dataset_id, episodes, env=env.spec, algorithm_name="test", author="offlax",
         author_email="offlax@localhost", code_permalink="tests", data_format="hdf5",
@@ -73,6 +73,40 @@ def hopper_tiny(minari_root):
 
     offlax_suite.build_offlax_dataset("offlax/hopper/random-v0", scale=0.002, progress=False)
     return "offlax/hopper/random-v0"
+
+
+def antmaze_episodes(num_episodes: int, steps: int, seed: int):
+    """Random-action episodes of AntMaze_UMaze-v5 (dict observations, sparse reward), cut at `steps`."""
+    from minari.data_collector import EpisodeBuffer
+
+    env = gym.make("AntMaze_UMaze-v5", max_episode_steps=steps)
+    env.action_space.seed(seed)
+    episodes = []
+    for ep in range(num_episodes):
+        obs, _ = env.reset(seed=seed + ep)
+        o, a, r, te, tr = [obs], [], [], [], []
+        while True:
+            act = env.action_space.sample()
+            obs, rew, term, trunc, _ = env.step(act)
+            o.append(obs); a.append(act); r.append(rew); te.append(term); tr.append(trunc)
+            if term or trunc:
+                break
+        observations = {k: np.stack([x[k] for x in o]) for k in o[0]}
+        episodes.append(EpisodeBuffer(id=ep, observations=observations, actions=np.asarray(a),
+                                      rewards=r, terminations=te, truncations=tr))
+    return episodes
+
+
+@pytest.fixture(scope="session")
+def antmaze_tiny(minari_root):
+    """test/antmaze/umaze-random-v0: 4 random episodes of 40 steps in gymnasium-robotics' AntMaze."""
+    import gymnasium_robotics
+
+    gym.register_envs(gymnasium_robotics)
+    dataset_id = "test/antmaze/umaze-random-v0"
+    make_minari_dataset(dataset_id, antmaze_episodes(4, 40, seed=0), env_id="AntMaze_UMaze-v5",
+                        env_kwargs={"max_episode_steps": 40})
+    return dataset_id
 
 
 @pytest.fixture
