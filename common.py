@@ -101,9 +101,12 @@ class Dataset:
         try:
             env = gym.make(self.env_spec)
         except Exception as e:  # e.g. a namespace whose package is missing (gymnasium-robotics)
+            hint = ("install the package that registers it (AntMaze and Adroit: pip install gymnasium-robotics)"
+                    if isinstance(e, (ImportError, gym.error.Error)) else
+                    "the package that provides it fails with the installed versions (gymnasium-robotics "
+                    "1.4.2's FrankaKitchen does with mujoco 4)")
             raise DataError(f"the environment of dataset {self.id} cannot be made ({type(e).__name__}: {e}); "
-                            f"install the package that registers it (AntMaze and Adroit: pip install "
-                            f"gymnasium-robotics)") from e
+                            f"{hint}") from e
         if isinstance(env.observation_space, gym.spaces.Dict):
             env = gym.wrappers.FlattenObservation(env)
         return env
@@ -434,6 +437,19 @@ def vector_env(make_env: Callable[[], gym.Env], n: int) -> gym.vector.SyncVector
 _RESET_MODEL_FIELDS = ("body_pos", "body_quat", "site_pos")
 
 
+def _mujoco_derived(data) -> dict:
+    """MjData's fixed-size arrays: positions, forces and the like that mj_step derives from the
+    state it starts from and leaves behind, one step stale (Ant's and Humanoid's rewards read
+    them before stepping); the constraint arrays (efc_, efm_) change size and are recomputed."""
+    out = {}
+    for k in dir(data):
+        if not k.startswith(("_", "efc_", "efm_")):
+            v = getattr(data, k)
+            if isinstance(v, np.ndarray):
+                out[k] = v.copy()
+    return out
+
+
 def _mujoco_parts(u) -> list:
     """The env itself and any sub-env it wraps (AntMaze's `ant_env`), each with its own RNG."""
     return [u] + [v for k, v in sorted(vars(u).items()) if isinstance(v, gym.Env)]
@@ -460,6 +476,7 @@ def get_env_states(envs: gym.vector.SyncVectorEnv) -> np.ndarray:
             s["mujoco"] = np.empty(mujoco.mj_stateSize(u.model, spec))
             mujoco.mj_getState(u.model, u.data, s["mujoco"], spec)
             s["model"] = {f: getattr(u.model, f).copy() for f in _RESET_MODEL_FIELDS}
+            s["derived"] = _mujoco_derived(u.data)
         elif hasattr(u, "state"):  # classic control keeps its state in `state`
             s["state"] = np.array(u.state, copy=True)
         else:
@@ -482,13 +499,45 @@ def set_env_states(envs: gym.vector.SyncVectorEnv, blob: np.ndarray) -> None:
             part.np_random.bit_generator.state = rng
         _time_limit(env)._elapsed_steps = s["elapsed"]
         for k, v in s.get("attrs", {}).items():
-            setattr(u, k, np.copy(v) if isinstance(v, np.ndarray) else v)
+            now = getattr(u, k, None)
+            if isinstance(now, np.ndarray) and now.shape == np.shape(v):
+                now[...] = v  # in place: the attribute may be a view into MuJoCo's memory
+            else:
+                setattr(u, k, np.copy(v) if isinstance(v, np.ndarray) else v)
         if "mujoco" in s:
             for f, v in s.get("model", {}).items():
                 getattr(u.model, f)[:] = v
             mujoco.mj_setState(u.model, u.data, s["mujoco"], mujoco.mjtState.mjSTATE_INTEGRATION)
+            current = _mujoco_derived(u.data)
+            for k, v in s.get("derived", {}).items():
+                if k in current and current[k].shape == v.shape:
+                    getattr(u.data, k)[...] = v
         else:
             u.state = s["state"]
+
+
+def snapshot_mismatch(make_env: Callable[[], gym.Env], steps: int = 20) -> str | None:
+    """Checks that get/set_env_states capture this environment: a snapshot restored into another
+    instance must continue bit for bit under the same actions. None if it does, else what differs
+    (state the env keeps elsewhere, e.g. in a list or a stateful wrapper)."""
+    a, b = vector_env(make_env, 1), vector_env(make_env, 1)
+    rng = np.random.default_rng(0)
+    space = a.action_space
+    actions = [rng.uniform(space.low, space.high).astype(space.dtype) for _ in range(steps + 5)]
+    a.reset(seed=1)
+    b.reset(seed=2)
+    for act in actions[:5]:
+        a.step(act)
+    set_env_states(b, get_env_states(a))
+    try:
+        for t, act in enumerate(actions[5:]):
+            for name, x, y in zip(("observation", "reward", "termination", "truncation"), a.step(act), b.step(act)):
+                if not np.array_equal(x, y):
+                    return f"the {name} differs {t + 1} steps after a restore"
+        return None
+    finally:
+        a.close()
+        b.close()
 
 
 def _time_limit(env):
@@ -931,6 +980,11 @@ def train_online(run: Run, state, envs: gym.vector.SyncVectorEnv, step_fn: Calla
     else:
         obs, _ = envs.reset(seed=[episode_seed(s, start, 0) for s in run.seeds])
         get_env_states(envs)  # an environment whose state cannot be checkpointed fails now, not at the first save
+        mismatch = snapshot_mismatch(envs.env_fns[0])
+        if mismatch:
+            print(f"warning: online checkpoints of this environment will not resume exactly ({mismatch}): "
+                  f"it keeps state that get_env_states does not save. Training is unaffected; a resumed run "
+                  f"will differ from an uninterrupted one.", file=sys.stderr)
         state, action = first_action(state, jnp.asarray(obs, jnp.float32))
         ep_return = np.zeros(len(run.seeds))
     chunk_metrics, train_returns, t0, compile_s = [], [], time.perf_counter(), 0.0

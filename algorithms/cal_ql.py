@@ -31,9 +31,11 @@ G = r_neg / (1 − γ) everywhere, the sparse-failure case):
         --reward-bias -5 --sparse-failure-reward 0 --cql-lagrange --cql-target-gap 0.8 \
         --critic-hidden 256 256 256 256 --online-steps 1000000 --eval-episodes 20
 
-Their Adroit runs use binary-reward variants of pen/door/relocate from their own fork, which
-Minari's D4RL Adroit data (dense rewards) are not; their settings there: --cql-weight 1,
---hidden 512 512, --critic-hidden 512 512 512, --reward-scale 10 --reward-bias 5.
+(they evaluate every 50k offline updates and every 2,000 online steps; here one --eval-every
+serves both phases). Their Adroit runs use binary-reward variants of pen/door/relocate from
+their own fork, which Minari's D4RL Adroit data (dense rewards) are not; their settings there:
+--cql-weight 1, --hidden 512 512, --critic-hidden 512 512 512, --reward-scale 10
+--reward-bias 5, --total-steps 20000, then 200k online steps on pen and 1M on door and relocate.
 
 Run: python -m algorithms.cal_ql --dataset offlax/hopper/medium-replay-v0 --online-steps 100000
 """

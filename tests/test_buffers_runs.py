@@ -126,11 +126,13 @@ def test_run_summary_last_and_best(tmp_path):
 
 
 @pytest.mark.parametrize("env_id", ["AntMaze_UMaze-v5", "AdroitHandPen-v1", "AdroitHandDoor-v1",
-                                    "AdroitHandRelocate-v1", "AdroitHandHammer-v1", "Hopper-v5", "Pendulum-v1"])
+                                    "AdroitHandRelocate-v1", "AdroitHandHammer-v1", "Hopper-v5", "Ant-v5",
+                                    "Humanoid-v5", "Pendulum-v1"])
 def test_env_state_snapshot_continues_exactly(env_id):
     """A snapshot restored into other environments (other seeds, other steps) continues bit for bit:
     besides MuJoCo's integration state this needs AntMaze's goal, the model fields Adroit sets at
-    reset (pen orientation, door, object and nail positions) and Adroit pen's target length."""
+    reset (pen orientation, door, object and nail positions), Adroit pen's target length, and the
+    positions and contact forces MuJoCo derived in the last step (Ant's and Humanoid's rewards read them)."""
     import gymnasium as gym
     import gymnasium_robotics
 
@@ -158,6 +160,47 @@ def test_env_state_snapshot_continues_exactly(env_id):
     for t, (want, got) in enumerate(zip(expected, roll(other, actions[30:]))):
         for name, w, g in zip(("obs", "reward", "terminated", "truncated"), want, got):
             np.testing.assert_array_equal(g, w, err_msg=f"{name} at step {t} after the restore")
+
+
+def test_snapshot_check_flags_state_kept_elsewhere():
+    import gymnasium as gym
+    from gymnasium.envs.classic_control.pendulum import PendulumEnv
+
+    class Memory(PendulumEnv):  # a reward that depends on a list the snapshot does not save
+        def reset(self, **kw):
+            self.history = []
+            return super().reset(**kw)
+
+        def step(self, action):
+            obs, r, term, trunc, info = super().step(action)
+            self.history.append(float(action[0]))
+            return obs, r - 0.1 * sum(self.history), term, trunc, info
+
+    assert common.snapshot_mismatch(lambda: gym.make("Pendulum-v1")) is None
+    problem = common.snapshot_mismatch(lambda: gym.wrappers.TimeLimit(Memory(), 200))
+    assert problem == "the reward differs 1 steps after a restore"
+
+
+def test_old_checkpoint_format_still_restores():
+    """Checkpoints written before the snapshot kept attributes, model fields and derived arrays
+    (one RNG state, no 'attrs'/'model'/'derived') still restore a Hopper exactly."""
+    import pickle
+
+    import gymnasium as gym
+
+    make = lambda: gym.make("Hopper-v5")  # noqa: E731
+    a, b = common.vector_env(make, 1), common.vector_env(make, 1)
+    a.reset(seed=1)
+    b.reset(seed=2)
+    rng = np.random.default_rng(0)
+    actions = [rng.uniform(-1, 1, (1, 3)).astype(np.float32) for _ in range(20)]
+    for act in actions[:5]:
+        a.step(act)
+    (state,) = pickle.loads(common.get_env_states(a).tobytes())
+    old = {"rng": state["rng"][0], "elapsed": state["elapsed"], "mujoco": state["mujoco"]}
+    common.set_env_states(b, np.frombuffer(pickle.dumps([old]), np.uint8))
+    for act in actions[5:]:
+        np.testing.assert_array_equal(a.step(act)[0], b.step(act)[0])
 
 
 def test_environment_without_savable_state_is_refused_up_front():
