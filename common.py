@@ -450,7 +450,7 @@ def _mujoco_derived(data) -> dict:
     return out
 
 
-def _mujoco_parts(u) -> list:
+def _env_parts(u) -> list:
     """The env itself and any sub-env it wraps (AntMaze's `ant_env`), each with its own RNG."""
     return [u] + [v for k, v in sorted(vars(u).items()) if isinstance(v, gym.Env)]
 
@@ -467,7 +467,7 @@ def get_env_states(envs: gym.vector.SyncVectorEnv) -> np.ndarray:
     states = []
     for env in envs.envs:
         u = env.unwrapped
-        s = {"rng": [p.np_random.bit_generator.state for p in _mujoco_parts(u)],
+        s = {"rng": [p.np_random.bit_generator.state for p in _env_parts(u)],
              "elapsed": _time_limit(env)._elapsed_steps,
              "attrs": {k: np.copy(v) if isinstance(v, np.ndarray) else v for k, v in vars(u).items()
                        if isinstance(v, (np.ndarray, np.generic, int, float))}}
@@ -495,7 +495,7 @@ def set_env_states(envs: gym.vector.SyncVectorEnv, blob: np.ndarray) -> None:
     for env, s in zip(envs.envs, pickle.loads(np.asarray(blob, np.uint8).tobytes())):
         u = env.unwrapped
         rngs = [s["rng"]] if isinstance(s["rng"], dict) else s["rng"]  # checkpoints before the list
-        for part, rng in zip(_mujoco_parts(u), rngs):
+        for part, rng in zip(_env_parts(u), rngs):
             part.np_random.bit_generator.state = rng
         _time_limit(env)._elapsed_steps = s["elapsed"]
         for k, v in s.get("attrs", {}).items():
@@ -508,10 +508,10 @@ def set_env_states(envs: gym.vector.SyncVectorEnv, blob: np.ndarray) -> None:
             for f, v in s.get("model", {}).items():
                 getattr(u.model, f)[:] = v
             mujoco.mj_setState(u.model, u.data, s["mujoco"], mujoco.mjtState.mjSTATE_INTEGRATION)
-            current = _mujoco_derived(u.data)
             for k, v in s.get("derived", {}).items():
-                if k in current and current[k].shape == v.shape:
-                    getattr(u.data, k)[...] = v
+                now = getattr(u.data, k)
+                if now.shape == v.shape:  # arrays sized by the step's contacts/islands are recomputed anyway
+                    now[...] = v
         else:
             u.state = s["state"]
 
@@ -533,7 +533,7 @@ def snapshot_mismatch(make_env: Callable[[], gym.Env], steps: int = 20) -> str |
         for t, act in enumerate(actions[5:]):
             for name, x, y in zip(("observation", "reward", "termination", "truncation"), a.step(act), b.step(act)):
                 if not np.array_equal(x, y):
-                    return f"the {name} differs {t + 1} steps after a restore"
+                    return f"the {name} differs at step {t + 1} after a restore"
         return None
     finally:
         a.close()

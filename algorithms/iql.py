@@ -373,8 +373,10 @@ def main(args: Args) -> dict:
     reward_kind = FAMILIES[args.family][3]
 
     dataset = common.load_dataset(args.dataset)
-    reward_scale, reward_bias = {"normalize": lambda: (locomotion_reward_scale(dataset), 0.0),
-                                 "minus_one": lambda: (1.0, -1.0), "none": lambda: (1.0, 0.0)}[reward_kind]()
+    if reward_kind == "normalize":
+        reward_scale, reward_bias = locomotion_reward_scale(dataset), 0.0
+    else:
+        reward_scale, reward_bias = {"minus_one": (1.0, -1.0), "none": (1.0, 0.0)}[reward_kind]
     dataset, _ = common.subsample(dataset, args.data_fraction, args.num_transitions)
     data = common.device_arrays(dataset, reward_scale=reward_scale, reward_bias=reward_bias)
     obs_dim, act_dim = dataset.observations.shape[1], dataset.actions.shape[1]

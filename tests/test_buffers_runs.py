@@ -178,7 +178,7 @@ def test_snapshot_check_flags_state_kept_elsewhere():
 
     assert common.snapshot_mismatch(lambda: gym.make("Pendulum-v1")) is None
     problem = common.snapshot_mismatch(lambda: gym.wrappers.TimeLimit(Memory(), 200))
-    assert problem == "the reward differs 1 steps after a restore"
+    assert problem == "the reward differs at step 1 after a restore"
 
 
 def test_old_checkpoint_format_still_restores():
