@@ -396,7 +396,7 @@ class ReplayBuffer:
         """Adds a batch of transitions (leading axis), overwriting the oldest when full. With
         `count` (may be traced), only the first `count` rows are added: a variable-length
         trajectory held in a fixed-size array (`count` must not exceed the capacity: it is traced, so
-        unchecked here; Cal-QL's trajectories are shorter than its buffer by construction)."""
+        unchecked here; CQL and Cal-QL make their buffers at least one trajectory long)."""
         k = jax.tree.leaves(transitions)[0].shape[0]
         if count is None and k > self.capacity:  # the same slot would be written twice, no defined winner
             raise ValueError(f"adding {k} transitions at once to a buffer of capacity {self.capacity}")

@@ -433,7 +433,9 @@ def main(args: Args) -> dict:
 
     def online_state(state):  # the online buffer, and room for one trajectory
         row = {k: data[k][0] for k in common.TRANSITION_KEYS}
-        buffer = common.ReplayBuffer.create(row, args.online_steps)
+        # room for every online step, and at least one whole trajectory (a shorter buffer would have
+        # the trajectory's rows overwrite each other when it is added)
+        buffer = common.ReplayBuffer.create(row, max(args.online_steps, max_len))
         trajectory = {k: jnp.zeros((max_len,) + v.shape) for k, v in row.items()}
         return state.replace(**common.stack_seeds(
             {"buffer": buffer, "trajectory": trajectory, "trajectory_length": jnp.zeros((), jnp.int32)}, args.num_seeds))

@@ -108,7 +108,8 @@ class Args:
     scale_sign: Literal["negative", "free"] = "negative"
     """α_ψ(s) = −softplus(MLP(s)), the sign theory gives (ε_ω ∝ −score), or a free linear output."""
     optimizer: Literal["muon", "adam"] = "muon"
-    """Muon for the actor's, critics' and α_ψ's hidden-layer matrices (Adam for the rest), or Adam throughout."""
+    """Muon for the actor's, critics' and α_ψ's hidden-layer matrices (Adam for the rest), or Adam throughout;
+    offline and online alike (fine-tuning continues with the offline optimisers and their states)."""
     muon_output_layers: bool = False
     """Muon also for the output layers' kernels (the usual practice, followed by default, leaves them to Adam)."""
     muon_rms: float = 0.2
@@ -141,7 +142,8 @@ class Args:
     mixing_ratio: float = 0.5
     """Share of each online batch drawn from the offline data (Cal-QL's 0.5; 0: online data only)."""
     online_utd: int = 1
-    """Online updates per environment step (update-to-data ratio)."""
+    """Online updates per environment step (update-to-data ratio); updates start at the first online step,
+    with no warm-up (as CQL's and Cal-QL's fine-tuning here, so that the early dip is compared alike)."""
     td3_exploration_noise: float = 0.1
     """TD3: std of the Gaussian noise added to the deterministic action when acting."""
     td3_policy_noise: float = 0.2
@@ -480,7 +482,8 @@ def td3_update(state: TrainState, batch, t, agent: Agent):
 
     # t is shared by all seeds (not vmapped), so this stays a real branch under vmap
     state, pi_loss = jax.lax.cond(t % a.td3_policy_delay == 0, actor_step, lambda s: (s, jnp.zeros(())), state)
-    return state, {"critic_loss": q_loss, "actor_loss": pi_loss, "q_mean": q.mean()}
+    # logged x delay on actor steps, 0 between: an evaluation interval's mean is then the actor steps' mean
+    return state, {"critic_loss": q_loss, "actor_loss": pi_loss * a.td3_policy_delay, "q_mean": q.mean()}
 
 
 def score_chunk(state: TrainState, data, agent: Agent, num_updates: int):
