@@ -826,18 +826,22 @@ class Run:
             self.wandb = wandb.init(project="offlax", name=self.dir.name, config=dataclasses.asdict(args))
 
     # -- checkpoints --
-    def restore(self, state):
+    def restore(self, state, branch_from: str | Path | None = None):
         """(state, step): the checkpoint if resuming (truncating the log to it), else (state, 0).
+        With `branch_from` (another run's folder; ignored when resuming), a fresh run starts from that
+        run's checkpoint and copies its log up to it: one pre-training, several continuations.
         Host-side extras saved with the checkpoint are left in `self.extra`."""
         metrics = self.dir / "metrics.jsonl"
         self.extra = {}
-        if not getattr(self.args, "resume", None) or not self.ckpt.exists():
+        source = self.dir if getattr(self.args, "resume", None) else branch_from and Path(branch_from)
+        if not source or not (Path(source) / "checkpoint.npz").exists():
             if metrics.exists():
                 metrics.unlink()
             return state, 0
-        state, step, self.extra = load_checkpoint(self.ckpt, state)
-        if metrics.exists():
-            rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        state, step, self.extra = load_checkpoint(Path(source) / "checkpoint.npz", state)
+        if (Path(source) / "metrics.jsonl").exists():
+            rows = [json.loads(line) for line in (Path(source) / "metrics.jsonl").read_text().splitlines()
+                    if line.strip()]
             self.history = [r for r in rows if r["step"] <= step]
             metrics.write_text("".join(json.dumps(r) + "\n" for r in self.history))
         return state, step

@@ -36,6 +36,8 @@ read), SAC's temperature (`--alpha`: tuned automatically unless fixed), Muon's r
 (`--mixing-ratio`: half offline, half online batches, as Cal-QL; `--online-utd`).
 
 Run: python -m algorithms.smac --dataset offlax/hopper/medium-replay-v0 --online-steps 100000 --num-seeds 3
+One pre-training, two fine-tunings: train with --online-steps 0, then fine-tune that run folder with
+--offline-from RUN --online-steps 100000 --online-algo sac (and again with td3).
 """
 
 from __future__ import annotations
@@ -102,6 +104,10 @@ class Args:
     score_from: str | None = None
     """Reuse the trained ε_ω of this earlier SMAC run folder (same dataset, seeds and score settings) instead of
     training one, so that ablations of the actor-critic phase share one behaviour model. Not needed at κ = 0."""
+    offline_from: str | None = None
+    """Skip the offline phase: fine-tune the finished offline phase of this earlier SMAC run folder (one made
+    with --online-steps 0 and the same offline settings), so that one pre-training is fine-tuned with both
+    --online-algo sac and td3. Its log is copied up to the start of fine-tuning."""
     # --- SMAC ---
     kappa: float = 1.0
     """Weight κ of the score-matching regulariser (0: plain offline SAC, the ablation)."""
@@ -576,6 +582,35 @@ def load_score_model(args: Args, template):
     return params
 
 
+ONLINE_SETTINGS = ("online_steps", "online_algo", "mixing_ratio", "online_utd", "td3_exploration_noise",
+                   "td3_policy_noise", "td3_noise_clip", "td3_policy_delay", "checkpoint_every",
+                   "runs_dir", "resume", "wandb", "score_from", "offline_from")
+
+
+def check_offline_source(args: Args) -> None:
+    """`--offline-from` must name a SMAC run whose offline phase finished with the settings given here."""
+    src = Path(args.offline_from)
+    if not (src / "config.json").exists() or not (src / "checkpoint.npz").exists():
+        raise SystemExit(f"--offline-from {src}: no config.json and checkpoint.npz there; give the folder of a "
+                         f"SMAC run made with --online-steps 0")
+    config = json.loads((src / "config.json").read_text())
+    saved = config["args"]
+    if config.get("algo") != "smac" or saved.get("online_steps"):
+        raise SystemExit(f"--offline-from {src}: not an offline-only SMAC run (algo {config.get('algo')!r}, "
+                         f"--online-steps {saved.get('online_steps')}); pre-train with --online-steps 0")
+    here = json.loads(json.dumps(dataclasses.asdict(args)))  # tuples as JSON lists, like the saved config
+    differ = [f"{k}: {saved.get(k)!r} there, {v!r} here" for k, v in here.items()
+              if k not in ONLINE_SETTINGS and saved.get(k) != v]
+    if differ:
+        raise SystemExit(f"--offline-from {src} was pre-trained with other offline settings ({'; '.join(differ)}); "
+                         f"give the same ones (only the online settings may differ)")
+    with np.load(src / "checkpoint.npz") as f:
+        step = int(f["step"])
+    if step != args.total_steps:
+        raise SystemExit(f"--offline-from {src}: its checkpoint is at update {step:,} of {args.total_steps:,}; "
+                         f"finish its offline phase first (python -m algorithms.smac --resume {src})")
+
+
 def make_agent(args: Args, obs_dim: int, act_dim: int) -> Agent:
     return Agent(actor=Actor(args.hidden, act_dim), critic=TwinCritic(args.hidden, args.critic_layernorm),
                  scale=ScoreScale(args.hidden, args.scale_sign == "negative"), noise_model=NoiseModel(act_dim, args.score_hidden, args.score_blocks),
@@ -602,11 +637,13 @@ def main(args: Args) -> dict:
         buffer = common.stack_seeds(common.ReplayBuffer.create(row, args.online_steps), args.num_seeds)
         return state.replace(buffer=buffer, target_actor_params=jax.tree.map(jnp.copy, state.actor_params))
 
+    if args.offline_from and not args.resume:
+        check_offline_source(args)
     run = common.Run("smac", args, args.total_steps + args.online_steps,
                      (dataset.ref_min_score, dataset.ref_max_score))
     if run.checkpoint_step() > args.total_steps:
         state = online_state(state)
-    state, start = run.restore(state)
+    state, start = run.restore(state, branch_from=args.offline_from)
 
     # 1. the behaviour score model, trained first (checkpointed in pieces, so a resume continues it);
     # at κ = 0 it is never read, and --score-from takes a trained one from another run

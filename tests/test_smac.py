@@ -191,3 +191,23 @@ def test_smac_bad_args(tmp_path, hopper_tiny):
         smac.main(_small(dataset=hopper_tiny, kappa=-1.0, runs_dir=str(tmp_path)))
     with pytest.raises(SystemExit, match="--total-steps .* multiple of --eval-every"):
         smac.main(_small(dataset=hopper_tiny, total_steps=150, eval_every=100, runs_dir=str(tmp_path)))
+
+
+def test_offline_from_continues_a_pre_training_exactly(tmp_path, hopper_tiny):
+    """Pre-training once and fine-tuning it with --offline-from gives the very run that trains
+    offline and online in one go (TD3 online, the other algorithm than the pre-training's SAC)."""
+    kw = dict(dataset=hopper_tiny, score_steps=50, total_steps=100, eval_every=50, checkpoint_every=50)
+    one_go = Path(smac.main(_small(runs_dir=str(tmp_path / "a"), online_steps=100, online_algo="td3", **kw))["run"])
+    pre = Path(smac.main(_small(runs_dir=str(tmp_path / "b"), **kw))["run"])
+    tuned = Path(smac.main(_small(runs_dir=str(tmp_path / "c"), online_steps=100, online_algo="td3",
+                                  offline_from=str(pre), **kw))["run"])
+    rows = lambda run: [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    drop = ("updates_per_s", "compile_s", "steps_per_s")  # timings differ from run to run
+    clean = lambda rs: [{k: v for k, v in r.items() if k not in drop} for r in rs]  # noqa: E731
+    assert [r["phase"] for r in rows(tuned)] == ["offline", "offline", "online", "online"]
+    assert clean(rows(tuned)) == clean(rows(one_go))
+    with pytest.raises(SystemExit, match="other offline settings .*kappa"):
+        smac.main(_small(runs_dir=str(tmp_path / "d"), online_steps=100, offline_from=str(pre),
+                         **dict(kw, kappa=2.0)))
+    with pytest.raises(SystemExit, match="not an offline-only SMAC run"):
+        smac.main(_small(runs_dir=str(tmp_path / "d"), online_steps=100, offline_from=str(one_go), **kw))
