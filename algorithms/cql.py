@@ -49,7 +49,8 @@ class Args:
     seed: int = 0
     """Seed of the first run; seed i of --num-seeds is seed + i."""
     num_seeds: int = 1
-    """Independent seeds trained at once in one process (jax.vmap); equal to separate runs."""
+    """Independent seeds trained at once in one process (jax.vmap); equal to separate runs. Online, separate
+    runs are cheaper: a seed's updates at the end of its trajectory run (masked) for every vmapped seed."""
     total_steps: int = 1_000_000
     """Offline gradient updates per seed."""
     eval_every: int = 5_000
