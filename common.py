@@ -833,15 +833,14 @@ class Run:
         Host-side extras saved with the checkpoint are left in `self.extra`."""
         metrics = self.dir / "metrics.jsonl"
         self.extra = {}
-        source = self.dir if getattr(self.args, "resume", None) else branch_from and Path(branch_from)
-        if not source or not (Path(source) / "checkpoint.npz").exists():
+        source = self.dir if getattr(self.args, "resume", None) else Path(branch_from) if branch_from else None
+        if source is None or not (source / "checkpoint.npz").exists():
             if metrics.exists():
                 metrics.unlink()
             return state, 0
-        state, step, self.extra = load_checkpoint(Path(source) / "checkpoint.npz", state)
-        if (Path(source) / "metrics.jsonl").exists():
-            rows = [json.loads(line) for line in (Path(source) / "metrics.jsonl").read_text().splitlines()
-                    if line.strip()]
+        state, step, self.extra = load_checkpoint(source / "checkpoint.npz", state)
+        if (source / "metrics.jsonl").exists():
+            rows = [json.loads(line) for line in (source / "metrics.jsonl").read_text().splitlines() if line.strip()]
             self.history = [r for r in rows if r["step"] <= step]
             metrics.write_text("".join(json.dumps(r) + "\n" for r in self.history))
         return state, step

@@ -582,9 +582,10 @@ def load_score_model(args: Args, template):
     return params
 
 
-ONLINE_SETTINGS = ("online_steps", "online_algo", "mixing_ratio", "online_utd", "td3_exploration_noise",
-                   "td3_policy_noise", "td3_noise_clip", "td3_policy_delay", "checkpoint_every",
-                   "runs_dir", "resume", "wandb", "score_from", "offline_from")
+# what a fine-tuning may set apart from its pre-training (--offline-from): the online phase and bookkeeping
+ONLINE_OR_BOOKKEEPING = ("online_steps", "online_algo", "mixing_ratio", "online_utd", "td3_exploration_noise",
+                         "td3_policy_noise", "td3_noise_clip", "td3_policy_delay", "checkpoint_every",
+                         "runs_dir", "resume", "wandb", "score_from", "offline_from")
 
 
 def check_offline_source(args: Args) -> None:
@@ -600,7 +601,7 @@ def check_offline_source(args: Args) -> None:
                          f"--online-steps {saved.get('online_steps')}); pre-train with --online-steps 0")
     here = json.loads(json.dumps(dataclasses.asdict(args)))  # tuples as JSON lists, like the saved config
     differ = [f"{k}: {saved.get(k)!r} there, {v!r} here" for k, v in here.items()
-              if k not in ONLINE_SETTINGS and saved.get(k) != v]
+              if k not in ONLINE_OR_BOOKKEEPING and saved.get(k) != v]
     if differ:
         raise SystemExit(f"--offline-from {src} was pre-trained with other offline settings ({'; '.join(differ)}); "
                          f"give the same ones (only the online settings may differ)")
