@@ -114,7 +114,7 @@ class Args:
     This is JaxCQL's and Cal-QL's form, w α′ (R − gap); the original CQL code's is α′ (w R − gap)
     with log α′ from 0, so its AntMaze setting (w = 5, threshold 5) is --cql-target-gap 1 here."""
     cql_target_gap: float = 0.8
-    """Target value of the regulariser in the Lagrange form."""
+    """Target value τ of the regulariser in the Lagrange form (0.8, as in Cal-QL's AntMaze scripts)."""
     cql_clip_diff_min: float = -np.inf
     """Lower clip of the per-sample regulariser."""
     cql_clip_diff_max: float = np.inf
