@@ -12,8 +12,8 @@ runs of that algorithm (e.g. critic_layernorm), seeds and bookkeeping (run folde
 --wandb) aside. Runs of one configuration with different seeds are pooled: their per-seed values
 are concatenated. If two runs share a seed, the further one is kept and the other is named.
 
-Offline table, per configuration, from the offline evaluations (the only ones of an online-only
-script such as sac):
+Offline table, per configuration, from the offline evaluations (an online-only script such as sac
+gets the same table from its online evaluations, under "Online from scratch"):
   last      each seed's mean over its final `--last-evals` evaluations (the run's own setting
             unless --last-evals is given); mean ± std (ddof 0) over seeds, and the interquartile
             mean (IQM) with a 95% percentile-bootstrap interval over seeds.
@@ -303,12 +303,13 @@ def _iqm(value: float, ci: tuple[float, float]) -> str:
     return "–" if not np.isfinite(value) else f"{_f(value)} [{_f(ci[0])}, {_f(ci[1])}]"
 
 
-def offline_table(groups: list[dict], stats: list[dict]) -> list[str]:
-    """One row per configuration; a 'config' column only if some configuration has settings."""
+def offline_table(groups: list[dict], stats: list[dict], online_only: bool = False) -> list[str]:
+    """One row per configuration; a 'config' column only if some configuration has settings.
+    `online_only`: the table of runs with no offline phase (sac), whose steps are environment steps."""
     with_config = any(g["label"] for g in groups)
     head = ["algo", "dataset"] + (["config"] if with_config else []) + [
-        "seeds", "steps", "last", "last IQM [95% CI]", "best", "best IQM [95% CI]",
-        "last-eval return per seed", "updates/s", "compile (s)"]
+        "seeds", "env steps" if online_only else "steps", "last", "last IQM [95% CI]", "best", "best IQM [95% CI]",
+        "last-eval return per seed", "env steps/s" if online_only else "updates/s", "compile (s)"]
     lines = ["| " + " | ".join(head) + " |",
              "|" + "|".join("---" if h in ("algo", "dataset", "config", "last-eval return per seed") else "---:"
                             for h in head) + "|"]
@@ -498,7 +499,10 @@ def main(argv: list[str] | None = None) -> str:
     stats = [group_stats(g, a.last_evals, a.drop_window, a.resamples) for g in groups]
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
-    offline = offline_table(groups, stats)
+    # runs with no offline phase (sac) get a table of their own: their steps are environment steps
+    split = {kind: [(g, s) for g, s in zip(groups, stats) if s["online_only"] == kind] for kind in (False, True)}
+    offline = offline_table(*map(list, zip(*split[False]))) if split[False] else []
+    scratch = offline_table(*map(list, zip(*split[True])), online_only=True) if split[True] else []
     online = online_table(groups, stats, a.drop_window)
     shown = [("..." if prev == "--notes" else x) for prev, x in zip([None, *argv], argv)]  # the notes are below
     shown = [("--notes=..." if x.startswith("--notes=") else x) for x in shown]
@@ -508,9 +512,11 @@ def main(argv: list[str] | None = None) -> str:
     if a.notes:
         lines += [a.notes, ""]
     lines += [explanation({r["measure"] for r in runs}, a.drop_window, a.resamples, bool(online)), ""]
-    if any(s["online_only"] for s in stats) and not all(s["online_only"] for s in stats):
-        lines += ["Online-only runs (no offline phase) are reported from their online evaluations.", ""]
-    lines += ["## Offline", "", *offline, ""]
+    if offline:
+        lines += ["## Offline", "", *offline, ""]
+    if scratch:
+        lines += ["## Online from scratch", "", "Runs with no offline phase (SAC), from their online evaluations; "
+                  "'last' and 'best' as above, over environment steps.", "", *scratch, ""]
     if online:
         lines += ["## Online fine-tuning", "", *online, ""]
     if a.curves:
@@ -532,7 +538,7 @@ def main(argv: list[str] | None = None) -> str:
         source = f" (per-run commands in `{_repo_relative(a.out)}`)" if a.out else ""
         head = (f"`{command}`{source}; runs at commit "
                 f"{', '.join(commits)} on {'; '.join(machines)}.")
-        body = "\n".join([head, "", *offline] + (["", *online] if online else []))
+        body = "\n".join([head] + [line for table in (offline, scratch, online) if table for line in ("", *table)])
         update_readme(a.readme, a.readme_section, body)
     print(text)
     return text

@@ -347,6 +347,9 @@ def runs(tmp_path):
               steps=[25_000 * (i + 1) for i in range(8)], total_steps=100_000,
               scores=[[50, 60], [60, 70], [70, 80], [80, 90], [40, 90], [60, 95], [90, 100], [100, 100]],
               commit="def5678", machine="other machine")
+    # online SAC from scratch: no offline phase (total_steps counts environment steps)
+    write_run(root, "sac__H__s0", algo="sac", dataset=None, online_steps=10_000, extra_args={"env_id": "Hopper-v5"},
+              scores=[[20, 40], [60, 80]])
     return root
 
 
@@ -355,7 +358,8 @@ def test_grouping_and_pooled_statistics(runs):
     groups, notes = report.group_runs(loaded)
     assert notes == []
     by_label = {(g["algo"], g["label"]): g for g in groups}
-    assert set(by_label) == {("iql", "critic_layernorm=False"), ("iql", "critic_layernorm=True"), ("td3_bc", "")}
+    assert set(by_label) == {("iql", "critic_layernorm=False"), ("iql", "critic_layernorm=True"), ("td3_bc", ""),
+                        ("sac", "")}
     pooled = by_label[("iql", "critic_layernorm=False")]
     assert [r["name"] for r in pooled["runs"]] == ["iql__h__1__s0", "iql__h__2__s3"]
     s = report.group_stats(pooled)
@@ -416,6 +420,11 @@ def test_report_markdown_readme_copies_and_curves(runs, tmp_path):
     assert "| td3_bc | offlax/walker2d/medium-v0 | 2 | 100,000 | 80.0 ± 5.0 | 97.5 ± 2.5 | 17.5 ± 17.5 | 0.156 ± " \
         in text
     assert "drop (first 50,000 steps)" in text
+    # SAC (no offline phase) has its own table, over environment steps, and is not in the offline one
+    offline_part, scratch_part = text.split("## Offline")[1].split("## Online from scratch")
+    assert "| sac |" not in offline_part and "| updates/s |" in offline_part
+    assert "| env steps | last |" in scratch_part and "| env steps/s | compile (s) |" in scratch_part
+    assert "| sac | Hopper-v5 | 2 | 10,000 | 50.0 ± 10.0 | " in scratch_part and "| 600, 800 | 50 | 2.0 |" in scratch_part
     assert "![learning curves](curves.png)" in text and png.stat().st_size > 10_000
     assert ("`python -m algorithms.td3_bc --dataset offlax/walker2d/medium-v0 --seed 0` at commit def5678 "
             "on other machine") in text
@@ -433,6 +442,7 @@ def test_report_markdown_readme_copies_and_curves(runs, tmp_path):
     section = first.split("<!-- results:demo -->\n")[1].split("<!-- /results:demo -->")[0]
     assert section.startswith("`python benchmarks/report.py ") and "abc1234, def5678" in section
     assert "other machine; test machine" in section and "| 17.5 ± 17.5 |" in section and "| 50.0 ± 18.7 |" in section
+    assert "| sac | Hopper-v5 | 2 | 10,000 | 50.0 ± 10.0 | " in section
     report.main(argv)
     assert readme.read_text() == first and readme.read_text().count("<!-- results:demo -->") == 1
 
