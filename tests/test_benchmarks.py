@@ -359,7 +359,7 @@ def test_grouping_and_pooled_statistics(runs):
     assert notes == []
     by_label = {(g["algo"], g["label"]): g for g in groups}
     assert set(by_label) == {("iql", "critic_layernorm=False"), ("iql", "critic_layernorm=True"), ("td3_bc", ""),
-                        ("sac", "")}
+                           ("sac", "")}
     pooled = by_label[("iql", "critic_layernorm=False")]
     assert [r["name"] for r in pooled["runs"]] == ["iql__h__1__s0", "iql__h__2__s3"]
     s = report.group_stats(pooled)
