@@ -35,6 +35,9 @@ Online table, for runs that fine-tune online after the offline phase:
             per seed max(0, offline - lowest online evaluation in the window), so 0 = no dip.
   regret    cumulative regret, per seed the mean over all online evaluations of 1 - score/100.
 Each is mean ± std over seeds.
+  min-max   the regret min-max normalised over the table's configurations on the same dataset,
+            (regret - lowest) / (highest - lowest) of their means: 0 = the least regret there,
+            1 = the most (the SMAC paper's "normalised regret"); '–' with fewer than two.
 
 Scores are D4RL-normalised (0 = random, 100 = expert); runs on data without reference scores
 report raw returns instead (and no regret). Every run's command, commit and machine are listed
@@ -124,6 +127,17 @@ def online_drop(offline, env_steps, online, window: int) -> np.ndarray:
 def cumulative_regret(online) -> np.ndarray:
     """(T, S) normalised scores of the online evaluations -> (S,): mean of 1 - score/100."""
     return (1.0 - np.asarray(online, np.float64) / 100.0).mean(0)
+
+
+def minmax_regret(datasets: list[str], regrets: list[float]) -> list[float]:
+    """Mean regrets -> each one min-max normalised among the entries of the same dataset:
+    (r - min) / (max - min); NaN where a dataset has fewer than two finite values or no spread."""
+    out = []
+    for d, r in zip(datasets, regrets):
+        same = [x for e, x in zip(datasets, regrets) if e == d and np.isfinite(x)]
+        spread = max(same) - min(same) if len(same) > 1 else 0.0
+        out.append((r - min(same)) / spread if spread > 0 and np.isfinite(r) else float("nan"))
+    return out
 
 
 def mean_std(values) -> tuple[float, float]:
@@ -330,14 +344,17 @@ def online_table(groups: list[dict], stats: list[dict], drop_window: int) -> lis
         return []
     with_config = any(g["label"] for g, _ in pairs)
     head = ["algo", "dataset"] + (["config"] if with_config else []) + [
-        "seeds", "online env steps", "offline", "final online", f"drop (first {drop_window:,} steps)", "regret"]
+        "seeds", "online env steps", "offline", "final online", f"drop (first {drop_window:,} steps)", "regret",
+        "regret, min–max"]
     lines = ["| " + " | ".join(head) + " |",
              "|" + "|".join("---" if h in ("algo", "dataset", "config") else "---:" for h in head) + "|"]
-    for g, s in pairs:
+    normalised = minmax_regret([g["dataset"] for g, _ in pairs], [s["online"]["regret"][0] for _, s in pairs])
+    for (g, s), n in zip(pairs, normalised):
         o = s["online"]
         cells = [g["algo"], g["dataset"]] + ([g["label"]] if with_config else []) + [
             str(o["seeds"]), f"{o['env_steps']:,}", _pm(o["offline"]), _pm(o["final"]), _pm(o["drop"]),
-            "–" if not np.isfinite(o["regret"][0]) else f"{o['regret'][0]:.3f} ± {o['regret'][1]:.3f}"]
+            "–" if not np.isfinite(o["regret"][0]) else f"{o['regret'][0]:.3f} ± {o['regret'][1]:.3f}",
+            "–" if not np.isfinite(n) else f"{n:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -366,7 +383,9 @@ def explanation(measure: set[str], drop_window: int, resamples: int, any_online:
     if any_online:
         text += (" Online: 'final' is the mean of the final `--last-evals` online evaluations, 'drop' the "
                  f"largest fall below the offline score within the first {drop_window:,} environment steps "
-                 "(per seed, 0 if none), 'regret' the mean over all online evaluations of 1 − score/100.")
+                 "(per seed, 0 if none), 'regret' the mean over all online evaluations of 1 − score/100, and "
+                 "'regret, min–max' that mean rescaled among the table's configurations on the same dataset "
+                 "(0 = the least regret, 1 = the most; the SMAC paper's normalised regret).")
     return text
 
 

@@ -289,6 +289,10 @@ def test_drop_and_regret_by_hand():
     np.testing.assert_allclose(report.online_drop([75, 95], env_steps, online, 100_000), [35.0, 5.0])
     assert np.isnan(report.online_drop(offline, env_steps, online, 10_000)).all()
     np.testing.assert_allclose(report.cumulative_regret(online), [(0.6 + 0.4 + 0.1 + 0) / 4, (0.1 + 0.05) / 4])
+    # min-max within a dataset: hopper's three regrets 0.2, 0.6, 0.4 -> 0, 1, 0.5; walker's lone one has none
+    normalised = report.minmax_regret(["hopper", "walker", "hopper", "hopper"], [0.2, 0.3, 0.6, 0.4])
+    np.testing.assert_allclose(np.asarray(normalised)[[0, 2, 3]], [0.0, 1.0, 0.5])
+    assert np.isnan(normalised[1]) and np.isnan(report.minmax_regret(["a", "a"], [0.5, 0.5])).all()
     np.testing.assert_allclose(report.last_score(online, 2), [95.0, 100.0])
     np.testing.assert_allclose(report.last_score(online, 99), online.mean(0))
     np.testing.assert_allclose(report.best_score(online), [100.0, 100.0])
@@ -419,7 +423,9 @@ def test_report_markdown_readme_copies_and_curves(runs, tmp_path):
     assert cells[6].startswith("45.0 [") and cells[8].startswith("65.0 [")
     assert "| td3_bc | offlax/walker2d/medium-v0 | 2 | 100,000 | 80.0 ± 5.0 | 97.5 ± 2.5 | 17.5 ± 17.5 | 0.156 ± " \
         in text
-    assert "drop (first 50,000 steps)" in text
+    assert "drop (first 50,000 steps)" in text and "| regret | regret, min–max |" in text
+    td3_row = next(x for x in text.splitlines() if x.startswith("| td3_bc | offlax/walker2d/medium-v0 | 2 | 100,000"))
+    assert td3_row.endswith("| – |")  # the only fine-tuning on its dataset: nothing to normalise against
     # SAC (no offline phase) has its own table, over environment steps, and is not in the offline one
     offline_part, scratch_part = text.split("## Offline")[1].split("## Online from scratch")
     assert "| sac |" not in offline_part and "| updates/s |" in offline_part
