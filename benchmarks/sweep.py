@@ -22,8 +22,9 @@ Protocols (`--protocol`), the defaults that `--set` and `--grid` override:
 
   full     the papers' protocol: 1,000,000 updates (environment steps for sac), 5 seeds (0-4)
            trained together in one process (--num-seeds 5), an evaluation every 5,000 steps.
-  reduced  sized for a 2-core CPU: 200,000 updates, 3 seeds (0-2) in one process
-           (--num-seeds 3), an evaluation every 5,000 steps.
+  reduced  sized for a 2-core CPU: 200,000 updates (100,000 for cql, cal_ql and smac, whose
+           updates cost 7 to 13 times the FLOPs of IQL's: benchmarks/results/throughput.md),
+           3 seeds (0-2) in one process (--num-seeds 3), an evaluation every 5,000 steps.
 
 Both leave every other argument (evaluation episodes, --last-evals, the algorithm's
 hyper-parameters) at the script's default. Precedence: protocol < `--set` < `--grid`; explicit
@@ -76,14 +77,16 @@ class Protocol:
     eval_every: int
     seeds: tuple[int, ...]
     seeds_per_process: int
+    steps_by_algo: tuple[tuple[str, int], ...] = ()  # (algorithm, total_steps) where it differs
 
-    def overrides(self) -> dict[str, Any]:
-        return {"total_steps": self.total_steps, "eval_every": self.eval_every}
+    def overrides(self, algo: str) -> dict[str, Any]:
+        return {"total_steps": dict(self.steps_by_algo).get(algo, self.total_steps), "eval_every": self.eval_every}
 
 
 PROTOCOLS = {
     "full": Protocol(total_steps=1_000_000, eval_every=5_000, seeds=(0, 1, 2, 3, 4), seeds_per_process=5),
-    "reduced": Protocol(total_steps=200_000, eval_every=5_000, seeds=(0, 1, 2), seeds_per_process=3),
+    "reduced": Protocol(total_steps=200_000, eval_every=5_000, seeds=(0, 1, 2), seeds_per_process=3,
+                        steps_by_algo=(("cql", 100_000), ("cal_ql", 100_000), ("smac", 100_000))),
 }
 
 
@@ -322,7 +325,7 @@ def expand(algos: list[str], datasets: list[str], seeds: list[int], seeds_per_pr
     configs = []
     for algo in algos:
         f = fields[algo]
-        base = {k: v for k, v in (protocol.overrides() if protocol else {}).items() if k in f}
+        base = {k: v for k, v in (protocol.overrides(algo) if protocol else {}).items() if k in f}
         base.update({k: typed(k, raw, algo, f) for k, raw in set_raw.items()})
         grid_values = [[(k, typed(k, raw, algo, f)) for raw in values] for k, values in grid_raw]
         for dataset in datasets:

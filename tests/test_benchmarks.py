@@ -88,6 +88,10 @@ def test_override_precedence_protocol_set_grid():
     assert c.overrides == {"total_steps": 200_000, "eval_every": 5_000}
     (c,) = expand(protocol="full", seeds=[0], per=1)
     assert c.overrides["total_steps"] == 1_000_000
+    iql, cql = expand(algos=("iql", "cql"))  # the reduced protocol halves the costliest updates' budget
+    assert (iql.overrides["total_steps"], cql.overrides["total_steps"]) == (200_000, 100_000)
+    (c,) = expand(algos=("cql",), sets=["total_steps=5000"])
+    assert c.overrides["total_steps"] == 5000
     (c,) = expand(sets=["total_steps=1000", "eval-every=500"])  # --set beats the protocol; dashes ok
     assert c.overrides == {"total_steps": 1000, "eval_every": 500}
     a, b = expand(sets=["total_steps=1000"], grids=["total_steps=10,20"])  # --grid beats --set
