@@ -23,7 +23,10 @@ Online fine-tuning (`--online-steps`) follows the paper: collect one trajectory 
 policy, compute its Monte-Carlo returns, store it, then run as many updates as it had steps; every
 batch is half offline data, half online (`--mixing-ratio`); the regulariser stays on.
 
-Defaults are the locomotion setting. The authors' AntMaze runs (`run_antmaze.sh`), on Minari's
+Defaults are the locomotion setting. On dense-reward tasks G is the plain discounted return-to-go
+of the transition's episode, with no bootstrap at a time limit (so it is a weak bound near the end
+of a truncated episode): the authors' code implements only the sparse-reward tasks and raises an
+error otherwise, keeping this form as a commented-out line. The authors' AntMaze runs (`run_antmaze.sh`), on Minari's
 D4RL AntMaze data (rewards {0, 1} -> {−5, +5}; an episode that never reaches the goal has
 G = r_neg / (1 − γ) everywhere, the sparse-failure case):
 
@@ -205,7 +208,9 @@ def trajectory_mc_returns(rewards, length, gamma: float, sparse_failure_reward: 
 # ---------------------------------------------------------------------------------------------
 
 class MLP(nn.Module):
-    """ReLU MLP; with `orthogonal`, hidden kernels orthogonal(√2) and the output kernel orthogonal(1e-2)."""
+    """ReLU MLP; with `orthogonal`, hidden kernels orthogonal(√2) and the output kernel orthogonal(1e-2),
+    otherwise flax's default hidden kernels and a small uniform output kernel (variance scaling 1e-2,
+    fan-in): both as JaxCQL in Cal-QL's code, so the first policy is near-uniform and Q starts near 0."""
 
     hidden: tuple[int, ...]
     out: int
@@ -220,7 +225,8 @@ class MLP(nn.Module):
             if self.layernorm:
                 x = nn.LayerNorm()(x)
             x = nn.relu(x)
-        out_init = nn.initializers.orthogonal(1e-2) if self.orthogonal else nn.linear.default_kernel_init
+        out_init = (nn.initializers.orthogonal(1e-2) if self.orthogonal
+                    else nn.initializers.variance_scaling(1e-2, "fan_in", "uniform"))
         return nn.Dense(self.out, kernel_init=out_init)(x)
 
 

@@ -15,8 +15,8 @@ Every loss is differentiated only with respect to its own parameters, all from t
 in JaxCQL (young-geng), on which the Cal-QL authors built. The actor is a tanh-squashed Gaussian
 whose log-std is m·raw + o with learnable scalars m (init 1) and o (init −1). Defaults are JaxCQL's
 for MuJoCo (w = 5, N = 10, T = 1, 256x256 networks, single-sample backup, no entropy in the
-backup, default initialisation) with the policy learning rate 1e-4 of the original CQL code.
-Not included: the original code's 40k-step BC warm-up of the policy.
+backup, flax's default hidden initialisation under a small output layer) with the policy learning
+rate 1e-4 of the original CQL code. Not included: the original code's 40k-step BC warm-up.
 
 Online fine-tuning (`--online-steps`) keeps the regulariser on and uses the protocol of Cal-QL's
 code, so that the two compare like for like: collect one trajectory with the stochastic policy,
@@ -142,7 +142,9 @@ def check_args(args: Args) -> None:
 # ---------------------------------------------------------------------------------------------
 
 class MLP(nn.Module):
-    """ReLU MLP; with `orthogonal`, hidden kernels orthogonal(√2) and the output kernel orthogonal(1e-2)."""
+    """ReLU MLP; with `orthogonal`, hidden kernels orthogonal(√2) and the output kernel orthogonal(1e-2),
+    otherwise flax's default hidden kernels and a small uniform output kernel (variance scaling 1e-2,
+    fan-in): both as JaxCQL in Cal-QL's code, so the first policy is near-uniform and Q starts near 0."""
 
     hidden: tuple[int, ...]
     out: int
@@ -157,7 +159,8 @@ class MLP(nn.Module):
             if self.layernorm:
                 x = nn.LayerNorm()(x)
             x = nn.relu(x)
-        out_init = nn.initializers.orthogonal(1e-2) if self.orthogonal else nn.linear.default_kernel_init
+        out_init = (nn.initializers.orthogonal(1e-2) if self.orthogonal
+                    else nn.initializers.variance_scaling(1e-2, "fan_in", "uniform"))
         return nn.Dense(self.out, kernel_init=out_init)(x)
 
 
