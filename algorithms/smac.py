@@ -21,8 +21,9 @@ automatic temperature with target −|A|):
 
 ∇_a Q is taken with `jax.vjp` inside the critic loss, so its gradient with respect to θ is a
 second-order derivative, which JAX differentiates exactly. The paper replaces Adam by Muon
-(`optax.contrib.muon`): orthogonalised momentum for the matrices of the actor, critics and α_ψ
-(output layers, biases and scalars use Adam). Online (`--online-steps`), the pre-trained actor and
+(`optax.contrib.muon`): orthogonalised momentum for the kernels of every layer of the actor, critics
+and α_ψ but the output layer (the first, input layer included); output layers, biases and scalars
+take optax's Adam branch of Muon, which shares Muon's Nesterov momentum (so NAdam). Online (`--online-steps`), the pre-trained actor and
 critics continue with plain SAC (`--online-algo sac`, the regulariser off) or TD3 (`--online-algo
 td3`: the actor's tanh-mean becomes the deterministic policy), one update per environment step.
 
@@ -114,8 +115,8 @@ class Args:
     scale_sign: Literal["negative", "free"] = "negative"
     """α_ψ(s) = −softplus(MLP(s)), the sign theory gives (ε_ω ∝ −score), or a free linear output."""
     optimizer: Literal["muon", "adam"] = "muon"
-    """Muon for the actor's, critics' and α_ψ's hidden-layer matrices (Adam for the rest), or Adam throughout;
-    offline and online alike (fine-tuning continues with the offline optimisers and their states)."""
+    """Muon for the actor's, critics' and α_ψ's layer kernels but the output layers' (NAdam, optax's Adam branch
+    of Muon, for the rest), or plain Adam throughout; offline and online alike (fine-tuning continues with the offline optimisers and their states)."""
     muon_output_layers: bool = False
     """Muon also for the output layers' kernels (the usual practice, followed by default, leaves them to Adam)."""
     muon_rms: float = 0.2
@@ -299,6 +300,13 @@ def action_gradient(critic: TwinCritic, params, obs, actions):
     return grads
 
 
+def cosine(u, v):
+    """Mean cosine between the last-axis vectors of u and v (broadcast), 0 where either is 0."""
+    dot = jnp.sum(u * v, -1)
+    norms = jnp.linalg.norm(u, axis=-1) * jnp.linalg.norm(v, axis=-1)
+    return jnp.mean(jnp.where(norms > 0, dot / jnp.where(norms > 0, norms, 1.0), 0.0))
+
+
 def score_matching_loss(grad_q, scale, eps):
     """L^SM = Σ_i mean_b ‖∇_a Q_i(s_b, a_b) − α_ψ(s_b) ε_ω(s_b, a_b, w, 1)‖².
     grad_q (2, B, |A|), scale α_ψ(s) (B,), eps (B, |A|)."""
@@ -346,8 +354,9 @@ class Agent:
 
 
 def make_optimizer(args: Args, lr: float) -> optax.GradientTransformation:
-    """Muon on every hidden-layer kernel (2-D; with --muon-output-layers the output kernels too), Adam on
-    the rest (output layers, biases, LayerNorm scales)."""
+    """Muon on every 2-D kernel but the output layers' (the input layer's included; with --muon-output-layers
+    the output kernels too); on the rest (output layers, biases, LayerNorm scales) optax's Adam branch of
+    Muon, which uses Muon's Nesterov momentum, i.e. NAdam. `--optimizer adam`: plain Adam on everything."""
     if args.optimizer == "adam":
         return optax.adam(lr)
 
@@ -420,13 +429,16 @@ def sac_update(state: TrainState, batch, agent: Agent, kappa: float):
         q = agent.critic.apply(critic_params, obs, batch["actions"])
         td = jnp.sum(jnp.mean((q - y) ** 2, axis=1))
         if kappa == 0:
-            return td, (q, td, jnp.zeros(()), jnp.zeros(B))
+            return td, (q, td, jnp.zeros(()), jnp.zeros(B), jnp.zeros((2, B, agent.action_dim)))
         scale = agent.scale.apply(scale_params, obs)
-        sm = score_matching_loss(action_gradient(agent.critic, critic_params, obs, sm_actions), scale, sm_eps)
-        return td + kappa * sm, (q, td, sm, scale)
+        grad_q = action_gradient(agent.critic, critic_params, obs, sm_actions)
+        sm = score_matching_loss(grad_q, scale, sm_eps)
+        return td + kappa * sm, (q, td, sm, scale, grad_q)
 
-    (q_loss, (q, td, sm, scale)), grads = jax.value_and_grad(critic_loss, has_aux=True)(
+    (q_loss, (q, td, sm, scale, grad_q)), grads = jax.value_and_grad(critic_loss, has_aux=True)(
         (state.critic_params, state.scale_params))
+    # α_ψ shares the critics' optimiser; online (κ = 0) its gradient is 0 but its stale momentum still moves
+    # it. It is never read online, so nothing learned changes; its logged value online means nothing.
     (critic_params, scale_params), critic_opt = apply_tx(agent.critic_tx, grads, state.critic_opt,
                                                          (state.critic_params, state.scale_params))
 
@@ -448,7 +460,11 @@ def sac_update(state: TrainState, batch, agent: Agent, kappa: float):
         actor_opt=actor_opt, critic_opt=critic_opt, alpha_opt=alpha_opt, key=key)
     metrics = {"critic_loss": q_loss, "td_loss": td, "sm_loss": sm, "score_scale": scale.mean(),
                "score_scale_positive": jnp.mean(scale > 0), "actor_loss": pi_loss,
-               "alpha": alpha, "q_mean": q.mean(), "entropy": -logp.mean()}
+               "alpha": alpha, "q_mean": q.mean(), "entropy": -logp.mean(),
+               # what the regulariser does to ∇_a Q (0 at κ = 0, where ε_ω is not read): its size, and its
+               # alignment with the data's score direction −ε_ω, cos(∇_a Q, −ε_ω)
+               "grad_q_norm": jnp.linalg.norm(grad_q, axis=-1).mean(),
+               "sm_cosine": cosine(grad_q, -sm_eps[None]) if kappa > 0 else jnp.zeros(())}
     return state, metrics
 
 

@@ -141,6 +141,7 @@ def test_smac_offline_then_online_smoke(tmp_path, hopper_tiny, online_algo, opti
     assert [r["phase"] for r in rows] == ["offline", "offline", "online", "online"]
     assert all(np.all(np.isfinite(r["critic_loss"])) for r in rows)
     assert rows[0]["sm_loss"][0] > 0  # the regulariser is on offline
+    assert rows[0]["grad_q_norm"][0] > 0 and -1 <= rows[0]["sm_cosine"][0] <= 1  # its diagnostics are logged
     assert json.loads((Path(summary["run"]) / "score_model.json").read_text())["updates"] == 200
     assert np.isfinite(summary["last_mean"])
     assert rows[0]["seem_num_params"] == [q1_param_count(11 + 3, (32, 32))] * 2  # Q1's alone
@@ -148,6 +149,12 @@ def test_smac_offline_then_online_smoke(tmp_path, hopper_tiny, online_algo, opti
         np.testing.assert_allclose(rows[1]["alpha"], [0.1, 0.1], rtol=1e-6)
     else:  # the default α_ψ is negative at every state
         assert max(rows[1]["score_scale"]) < 0 and max(rows[1]["score_scale_positive"]) == 0
+
+
+def test_cosine_by_hand():
+    u = jnp.array([[[3.0, 4.0], [1.0, 0.0], [0.0, 0.0]]])  # (1, 3, 2)
+    v = jnp.array([[0.0, 5.0], [-2.0, 0.0], [1.0, 1.0]])  # (3, 2), broadcast over the leading axis
+    assert float(smac.cosine(u, v[None])) == pytest.approx((0.8 - 1.0 + 0.0) / 3)  # a zero vector counts 0
 
 
 def test_score_scale_sign():
