@@ -9,7 +9,7 @@ made by --copy-runs are inputs too) or folders holding them anywhere below (a sw
 
 Runs are grouped by configuration: algorithm, dataset and the arguments that differ between the
 runs of that algorithm (e.g. critic_layernorm), seeds and bookkeeping (run folder, --resume,
---wandb) aside. Runs of one configuration with different seeds are pooled: their per-seed values
+--wandb, --checkpoint-every, reused pre-trained parts: smac's --score-from and --offline-from) aside. Runs of one configuration with different seeds are pooled: their per-seed values
 are concatenated. If two runs share a seed, the further one is kept and the other is named.
 
 Offline table, per configuration, from the offline evaluations (an online-only script such as sac
@@ -60,7 +60,11 @@ import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Arguments that never make two runs different configurations.
-BOOKKEEPING = {"seed", "num_seeds", "runs_dir", "resume", "wandb", "dataset", "env_id"}
+# Arguments that do not set what is learned: seeds, folders, logging, how often to checkpoint (resume is exact),
+# and the folders of a reused pre-trained part (smac's score model and pre-training; the script checks that
+# they were made with the run's own settings).
+BOOKKEEPING = {"seed", "num_seeds", "runs_dir", "resume", "wandb", "dataset", "env_id", "checkpoint_every",
+               "score_from", "offline_from"}
 
 
 # --------------------------------------------------------------------------------------------

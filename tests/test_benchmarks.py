@@ -345,10 +345,12 @@ OFFLINE_B = [[0], [0], [0], [60]]  # seed 3 of the same configuration
 @pytest.fixture
 def runs(tmp_path):
     root = tmp_path / "runs"
+    # the two runs of one configuration differ in bookkeeping only (checkpoints, a reused part's folder)
     write_run(root, "iql__h__1__s0", scores=OFFLINE_A, updates_per_s=100.0,
-              returns=[None] * 3 + [[[100, 200], [300, 300], [50, 50]]])
+              returns=[None] * 3 + [[[100, 200], [300, 300], [50, 50]]],
+              extra_args={"checkpoint_every": 50_000, "score_from": "/runs/a"})
     write_run(root, "iql__h__2__s3", seed=3, scores=OFFLINE_B, updates_per_s=300.0, finished=False,
-              returns=[[[1.0]]] * 3 + [[[40.0, 60.0]]])
+              returns=[[[1.0]]] * 3 + [[[40.0, 60.0]]], extra_args={"checkpoint_every": 5_000, "score_from": "/runs/b"})
     write_run(root, "iql__h__3__s0", scores=[[1, 2], [3, 4], [5, 6], [7, 8]], extra_args={"critic_layernorm": True})
     # offline 4 x 25k updates, then 4 online evaluations every 25k environment steps
     write_run(root, "td3_bc__w__4__s0", algo="td3_bc", dataset="offlax/walker2d/medium-v0", online_steps=100_000,
