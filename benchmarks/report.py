@@ -475,11 +475,12 @@ def draw_curves(groups: list[dict], path: Path) -> None:
 
 
 def copy_runs(runs: list[dict], dest: Path) -> None:
-    """Copies config.json, metrics.jsonl and summary.json of every run to dest/<run folder name>/."""
+    """Copies each run's small records (config.json, metrics.jsonl, summary.json; diverged.json and smac's
+    score_model.json where present) to dest/<run folder name>/; checkpoints stay behind."""
     for r in runs:
         target = dest / r["name"]
         target.mkdir(parents=True, exist_ok=True)
-        for name in ("config.json", "metrics.jsonl", "summary.json"):
+        for name in ("config.json", "metrics.jsonl", "summary.json", "diverged.json", "score_model.json"):
             src = r["path"] / name
             if src.exists() and src.resolve() != (target / name).resolve():
                 shutil.copyfile(src, target / name)
