@@ -26,9 +26,9 @@ batch is half offline data, half online (`--mixing-ratio`); the regulariser stay
 Defaults are the locomotion setting. On dense-reward tasks G is the plain discounted return-to-go
 of the transition's episode, with no bootstrap at a time limit (so it is a weak bound near the end
 of a truncated episode): the authors' code implements only the sparse-reward tasks and raises an
-error otherwise, keeping this form as a commented-out line. The authors' AntMaze runs (`run_antmaze.sh`), on Minari's
-D4RL AntMaze data (rewards {0, 1} -> {−5, +5}; an episode that never reaches the goal has
-G = r_neg / (1 − γ) everywhere, the sparse-failure case):
+error otherwise, keeping this form as a commented-out line. The authors' AntMaze runs
+(`run_antmaze.sh`), on Minari's D4RL AntMaze data (rewards {0, 1} -> {−5, +5}; an episode that
+never reaches the goal has G = r_neg / (1 − γ) everywhere, the sparse-failure case):
 
     python -m algorithms.cal_ql --dataset D4RL/antmaze/medium-diverse-v1 --reward-scale 10 \
         --reward-bias -5 --sparse-failure-reward 0 --cql-lagrange --cql-target-gap 0.8 \

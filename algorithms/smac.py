@@ -23,9 +23,10 @@ automatic temperature with target −|A|):
 second-order derivative, which JAX differentiates exactly. The paper replaces Adam by Muon
 (`optax.contrib.muon`): orthogonalised momentum for the kernels of every layer of the actor, critics
 and α_ψ but the output layer (the first, input layer included); output layers, biases and scalars
-take optax's Adam branch of Muon, which shares Muon's Nesterov momentum (so NAdam). Online (`--online-steps`), the pre-trained actor and
-critics continue with plain SAC (`--online-algo sac`, the regulariser off) or TD3 (`--online-algo
-td3`: the actor's tanh-mean becomes the deterministic policy), one update per environment step.
+take optax's Adam branch of Muon, which shares Muon's Nesterov momentum (so NAdam). Online
+(`--online-steps`), the pre-trained actor and critics continue with plain SAC (`--online-algo sac`,
+the regulariser off) or TD3 (`--online-algo td3`: the actor's tanh-mean becomes the deterministic
+policy), one update per environment step.
 
 Not specified by the paper's public material, so explicit flags here (defaults documented at
 each flag and in the README): κ (`--kappa`), the form of α_ψ (`--scale-sign`), the reward signal
@@ -115,8 +116,9 @@ class Args:
     scale_sign: Literal["negative", "free"] = "negative"
     """α_ψ(s) = −softplus(MLP(s)), the sign theory gives (ε_ω ∝ −score), or a free linear output."""
     optimizer: Literal["muon", "adam"] = "muon"
-    """Muon for the actor's, critics' and α_ψ's layer kernels but the output layers' (NAdam, optax's Adam branch
-    of Muon, for the rest), or plain Adam throughout; offline and online alike (fine-tuning continues with the offline optimisers and their states)."""
+    """Muon for the actor's, critics' and α_ψ's layer kernels but the output layers' (NAdam, optax's Adam
+    branch of Muon, for the rest), or plain Adam throughout; offline and online alike (fine-tuning
+    continues with the offline optimisers and their states)."""
     muon_output_layers: bool = False
     """Muon also for the output layers' kernels (the usual practice, followed by default, leaves them to Adam)."""
     muon_rms: float = 0.2
