@@ -9,8 +9,9 @@ made by --copy-runs are inputs too) or folders holding them anywhere below (a sw
 
 Runs are grouped by configuration: algorithm, dataset and the arguments that differ between the
 runs of that algorithm (e.g. critic_layernorm), seeds and bookkeeping (run folder, --resume,
---wandb, --checkpoint-every, reused pre-trained parts: smac's --score-from and --offline-from) aside. Runs of one configuration with different seeds are pooled: their per-seed values
-are concatenated. If two runs share a seed, the further one is kept and the other is named.
+--wandb, --checkpoint-every, reused pre-trained parts: smac's --score-from and --offline-from)
+aside. Runs of one configuration with different seeds are pooled: their per-seed values are
+concatenated. If two runs share a seed, the further one is kept and the other is named.
 
 Offline table, per configuration, from the offline evaluations (an online-only script such as sac
 gets the same table from its online evaluations, under "Online from scratch"):
