@@ -113,7 +113,7 @@ class Args:
     # --- SMAC ---
     kappa: float = 1.0
     """Weight κ of the score-matching regulariser (0: plain offline SAC, the ablation). 1: the lowest regret
-    of 0, 1, 10 and 100 in a pilot on hopper medium-replay (benchmarks/results/smac_pilot.md)."""
+    of 0, 0.1, 1, 10 and 100 in a pilot on hopper medium-replay (benchmarks/results/smac_pilot.md)."""
     scale_sign: Literal["negative", "free"] = "negative"
     """α_ψ(s) = −softplus(MLP(s)), the sign theory gives (ε_ω ∝ −score), or a free linear output."""
     optimizer: Literal["muon", "adam"] = "muon"
