@@ -105,7 +105,8 @@ class Args:
     """The w at which the score is read in the regulariser (1: the best trajectories' actions)."""
     score_from: str | None = None
     """Reuse the trained ε_ω of this earlier SMAC run folder (same dataset, seeds and score settings) instead of
-    training one, so that ablations of the actor-critic phase share one behaviour model. Not needed at κ = 0."""
+    training one, so that ablations of the actor-critic phase share one behaviour model; the run is then the one that
+    trains it (ε_ω has its own random stream). Not needed at κ = 0."""
     offline_from: str | None = None
     """Skip the offline phase: fine-tune the finished offline phase of this earlier SMAC run folder (one made
     with --online-steps 0 and the same offline settings), so that one pre-training is fine-tuned with both
@@ -512,13 +513,18 @@ def td3_update(state: TrainState, batch, t, agent: Agent):
 
 
 def score_chunk(state: TrainState, data, agent: Agent, num_updates: int):
-    """`num_updates` diffusion-model updates fused in one lax.scan."""
+    """`num_updates` diffusion-model updates fused in one lax.scan. ε_ω draws from its own stream,
+    fold_in(key, updates done), and hands the agent's key back untouched: a run that trains ε_ω and
+    one that loads it with --score-from then go on to the very same offline run."""
+    key = state.key
 
     def body(state, _):
-        key, k_batch = jax.random.split(state.key)
-        return score_update(state.replace(key=key), common.sample_batch(k_batch, data, agent.args.batch_size), agent)
+        k_batch, k_update = jax.random.split(jax.random.fold_in(key, state.score_updates))
+        return score_update(state.replace(key=k_update), common.sample_batch(k_batch, data, agent.args.batch_size),
+                            agent)
 
-    return jax.lax.scan(body, state, None, length=num_updates)
+    state, metrics = jax.lax.scan(body, state, None, length=num_updates)
+    return state.replace(key=key), metrics
 
 
 def train_chunk(state: TrainState, data, agent: Agent, num_updates: int):
