@@ -10,23 +10,31 @@ scale, at actions drawn half from the current policy and half uniformly over the
     L^SMAC(θ,ψ) = κ · L^SM(θ, ψ) + L^AC(θ)
 
 where ε_ω is a diffusion model of the data's actions (DDPM ε-prediction, IDQL's residual network),
-read at its first noise step k = 1, where ε_ω(s, a, w, 1) = −√(1 − ᾱ_1) ∇_a log p_1(a|s, w), and α_ψ(s)
-absorbs the scale and the sign: if ∇_a Q = α ∇_a log π^D, then α_ψ = −α / √(1 − ᾱ_1) < 0. Left free, α_ψ
-would also accept a critic that rises *away* from the data's actions (∇_a Q ∝ +ε), so by default it is
-kept negative, α_ψ = −softplus(MLP(s)) (`--scale-sign free` lifts that). L^AC is SAC's unchanged (twin critics, entropy in the backup,
-automatic temperature with target −|A|):
+read at its first noise step k = 1, where ε_ω(s, a, w, 1) ≈ −√(1 − ᾱ_1) ∇_a log p_1(a|s, w), p_1 being
+the density of the step-1 noisy actions √ᾱ_1 a + √(1 − ᾱ_1) ε: a slightly shrunk, smoothed π^D, positive
+over the whole box, so that it has a score at uniform actions too. α_ψ(s) absorbs the scale and the sign:
+if ∇_a Q = α ∇_a log π^D and p_1 ≈ π^D, then α_ψ ≈ −α / √(1 − ᾱ_1) < 0. Left free, α_ψ would also accept
+a critic that rises *away* from the data's actions (∇_a Q ∝ +ε), so by default it is kept negative,
+α_ψ = −softplus(MLP(s)) (`--scale-sign free` lifts that). L^AC is SAC's unchanged (twin critics, entropy
+in the backup, automatic temperature with target H̄ = −|A|), with ã' ~ π(·|s') and ã ~ π(·|s):
 
     y = r + γ (1 − d) ( min_i Q_θ̄i(s', ã') − α log π(ã'|s') ),   L^AC = Σ_i E (Q_θi(s,a) − y)²
-    L_π = E_s[ α log π(ã|s) − min_i Q_θi(s, ã) ]
+    L_π = E_s[ α log π(ã|s) − min_i Q_θi(s, ã) ],                 L_α = E_s[ −α (log π(ã|s) + H̄) ]
+
+(Three alphas: α is SAC's temperature, α_ψ(s) the learned scale, ᾱ_k the diffusion schedule's
+cumulative signal fraction.) A run has three phases, in this order in main(): 1. ε_ω alone,
+--score-steps DDPM updates, then frozen; 2. --total-steps offline updates of L^SMAC and L_π;
+3. --online-steps of SAC (the regulariser off) or TD3.
 
 ∇_a Q is taken with `jax.vjp` inside the critic loss, so its gradient with respect to θ is a
 second-order derivative, which JAX differentiates exactly. The paper replaces Adam by Muon
 (`optax.contrib.muon`): orthogonalised momentum for the kernels of every layer of the actor, critics
 and α_ψ but the output layer (the first, input layer included); output layers, biases and scalars
-take optax's Adam branch of Muon, which shares Muon's Nesterov momentum (so NAdam). Online
+take optax's Adam branch of Muon, which follows Muon's Nesterov switch (with its own b1 = 0.9), so
+NAdam. Online
 (`--online-steps`), the pre-trained actor and critics continue with plain SAC (`--online-algo sac`,
 the regulariser off) or TD3 (`--online-algo td3`: the actor's tanh-mean becomes the deterministic
-policy), one update per environment step.
+policy), `--online-utd` updates (default 1) per environment step on batches half offline, half online.
 
 Not specified by the paper's public material, so explicit flags here (defaults documented at
 each flag and in the README): κ (`--kappa`), the form of α_ψ (`--scale-sign`), the reward signal
@@ -105,8 +113,8 @@ class Args:
     """The w at which the score is read in the regulariser (1: the best trajectories' actions)."""
     score_from: str | None = None
     """Reuse the trained ε_ω of this earlier SMAC run folder (same dataset, seeds and score settings) instead of
-    training one, so that ablations of the actor-critic phase share one behaviour model; the run is then the one that
-    trains it (ε_ω has its own random stream). Not needed at κ = 0."""
+    training one, so that ablations of the actor-critic phase share one behaviour model; the run then equals one that
+    trains ε_ω itself (ε_ω draws from its own random stream, see score_chunk). Not needed at κ = 0."""
     offline_from: str | None = None
     """Skip the offline phase: fine-tune the finished offline phase of this earlier SMAC run folder (one made
     with --online-steps 0 and the same offline settings), so that one pre-training is fine-tuned with both
@@ -258,6 +266,10 @@ class NoiseModel(nn.Module):
         return nn.Dense(self.action_dim)(nn.swish(x))
 
 
+# ---------------------------------------------------------------------------------------------
+# The behaviour score model ε_ω (trained first, then frozen)
+# ---------------------------------------------------------------------------------------------
+
 def vp_schedule(num_steps: int) -> jnp.ndarray:
     """ᾱ_k, k = 1..T, of IDQL's variance-preserving schedule: β_k = 1 − exp(−b_min/T −
     ½(b_max − b_min)(2k − 1)/T²), b_min = 0.1, b_max = 10, and ᾱ_k = Π_{j≤k} (1 − β_j)."""
@@ -277,7 +289,9 @@ def diffusion_loss(noise_model: NoiseModel, params, alpha_bar, obs, actions, w, 
 
 
 def behaviour_score(noise_model: NoiseModel, params, alpha_bar, obs, actions, w):
-    """∇_a log p_1(a|s, w) ≈ −ε_ω(s, a, w, 1) / √(1 − ᾱ_1): the data's score at the first noise step."""
+    """∇_a log p_1(a|s, w) ≈ −ε_ω(s, a, w, 1) / √(1 − ᾱ_1): the data's score at the first noise step.
+    Not called in training (the regulariser matches ε_ω itself and α_ψ absorbs −1/√(1 − ᾱ_1)): the
+    definition, and what the tests check against the analytic score."""
     k = jnp.ones(actions.shape[:-1], jnp.int32)
     return -noise_model.apply(params, obs, actions, w, k) / jnp.sqrt(1.0 - alpha_bar[0])
 
@@ -297,8 +311,10 @@ def sample_action(actor: Actor, params, obs, key):
 # ---------------------------------------------------------------------------------------------
 
 def action_gradient(critic: TwinCritic, params, obs, actions):
-    """∇_a Q_θi(s_b, a_b) for both critics and every sample: (2, B, |A|). One vjp per critic with
-    a cotangent of ones (Q_i(s_b, a_b) depends on a_b alone); differentiable in θ."""
+    """∇_a Q_θi(s_b, a_b) for both critics and every sample: (2, B, |A|). One forward pass (jax.vjp),
+    then one pullback per critic (vmapped), with cotangent 1 on every sample of that critic and 0 on the
+    other: Q_i(s_b, a_b) depends on no other sample's action, so ∇_{a_b} Σ_b' Q_i = ∇_a Q_i(s_b, a_b).
+    Differentiable in θ."""
     q, vjp = jax.vjp(lambda a: critic.apply(params, obs, a), actions)
     (grads,) = jax.vmap(vjp)(jnp.eye(2)[:, :, None] * jnp.ones_like(q)[None])
     return grads
@@ -360,7 +376,7 @@ class Agent:
 def make_optimizer(args: Args, lr: float) -> optax.GradientTransformation:
     """Muon on every 2-D kernel but the output layers' (the input layer's included; with --muon-output-layers
     the output kernels too); on the rest (output layers, biases, LayerNorm scales) optax's Adam branch of
-    Muon, which uses Muon's Nesterov momentum, i.e. NAdam. `--optimizer adam`: plain Adam on everything."""
+    Muon, which follows Muon's Nesterov switch (b1 = 0.9), i.e. NAdam. `--optimizer adam`: plain Adam everywhere."""
     if args.optimizer == "adam":
         return optax.adam(lr)
 
@@ -420,7 +436,7 @@ def sac_update(state: TrainState, batch, agent: Agent, kappa: float):
     next_q = agent.critic.apply(state.target_critic_params, batch["next_observations"], next_a).min(0)
     y = batch["rewards"] + a.gamma * (1.0 - batch["terminals"]) * (next_q - alpha * next_logp)
 
-    if kappa > 0:  # the regulariser's actions B(A): half ã ~ π(·|s), half uniform; constants for θ
+    if kappa > 0:  # the regulariser's actions B(A): half ã ~ π(·|s), half uniform; constants for θ and ψ
         half = B // 2
         policy_a, _ = sample_action(agent.actor, state.actor_params, obs[:half], k_sm)
         uniform_a = jax.random.uniform(k_uniform, (B - half, agent.action_dim), minval=-1.0, maxval=1.0)
@@ -442,7 +458,8 @@ def sac_update(state: TrainState, batch, agent: Agent, kappa: float):
     (q_loss, (q, td, sm, scale, grad_q)), grads = jax.value_and_grad(critic_loss, has_aux=True)(
         (state.critic_params, state.scale_params))
     # α_ψ shares the critics' optimiser; online (κ = 0) its gradient is 0 but its stale momentum still moves
-    # it. It is never read online, so nothing learned changes; its logged value online means nothing.
+    # it. It is never read online, so nothing learned changes; sm_loss, score_scale(_positive), grad_q_norm
+    # and sm_cosine are then logged as placeholder zeros.
     (critic_params, scale_params), critic_opt = apply_tx(agent.critic_tx, grads, state.critic_opt,
                                                          (state.critic_params, state.scale_params))
 
@@ -474,7 +491,10 @@ def sac_update(state: TrainState, batch, agent: Agent, kappa: float):
 
 def td3_update(state: TrainState, batch, t, agent: Agent):
     """One TD3 update (online only): critics against the smoothed target policy every step; the
-    deterministic actor tanh(μ(s)) and both targets every `td3_policy_delay` steps."""
+    deterministic actor tanh(μ(s)) and both targets every `td3_policy_delay` steps:
+
+        y = r + γ (1 − d) min_i Q_θ̄i(s', clip(tanh(μ̄(s')) + clip(N(0, σ²), −c, c), −1, 1))
+        L_π = −E_s Q_θ1(s, tanh(μ(s)))   (the first critic alone, as TD3)"""
     a = agent.args
     key, k_noise = jax.random.split(state.key)
     obs = batch["observations"]
@@ -489,6 +509,7 @@ def td3_update(state: TrainState, batch, t, agent: Agent):
         q = agent.critic.apply(params[0], obs, batch["actions"])
         return jnp.sum(jnp.mean((q - y) ** 2, axis=1)), q
 
+    # α_ψ rides along with a zero gradient: critic_opt is the optimiser state of the pair (critics, α_ψ)
     (q_loss, q), grads = jax.value_and_grad(critic_loss, has_aux=True)((state.critic_params, state.scale_params))
     (critic_params, scale_params), critic_opt = apply_tx(agent.critic_tx, grads, state.critic_opt,
                                                          (state.critic_params, state.scale_params))
@@ -496,7 +517,8 @@ def td3_update(state: TrainState, batch, t, agent: Agent):
 
     def actor_step(state):
         def actor_loss(params):
-            return -jnp.mean(agent.critic.apply(state.critic_params, obs, jnp.tanh(agent.actor.apply(params, obs)[0]))[0])
+            action = jnp.tanh(agent.actor.apply(params, obs)[0])
+            return -jnp.mean(agent.critic.apply(state.critic_params, obs, action)[0])
 
         pi_loss, grads = jax.value_and_grad(actor_loss)(state.actor_params)
         actor_params, actor_opt = apply_tx(agent.actor_tx, grads, state.actor_opt, state.actor_params)
@@ -539,7 +561,7 @@ def train_chunk(state: TrainState, data, agent: Agent, num_updates: int):
 
 
 # ---------------------------------------------------------------------------------------------
-# Online: one environment step and one SAC or TD3 update per step
+# Online: one environment step, then --online-utd SAC or TD3 updates
 # ---------------------------------------------------------------------------------------------
 
 def act(state: TrainState, obs, agent: Agent):
@@ -639,7 +661,8 @@ def check_offline_source(args: Args) -> None:
 
 def make_agent(args: Args, obs_dim: int, act_dim: int) -> Agent:
     return Agent(actor=Actor(args.hidden, act_dim), critic=TwinCritic(args.hidden, args.critic_layernorm),
-                 scale=ScoreScale(args.hidden, args.scale_sign == "negative"), noise_model=NoiseModel(act_dim, args.score_hidden, args.score_blocks),
+                 scale=ScoreScale(args.hidden, args.scale_sign == "negative"),
+                 noise_model=NoiseModel(act_dim, args.score_hidden, args.score_blocks),
                  actor_tx=make_optimizer(args, args.actor_lr), critic_tx=make_optimizer(args, args.critic_lr),
                  alpha_tx=optax.adam(args.alpha_lr), score_tx=optax.adam(args.score_lr),
                  alpha_bar=tuple(np.asarray(vp_schedule(args.diffusion_steps)).tolist()), args=args,
@@ -667,7 +690,7 @@ def main(args: Args) -> dict:
         check_offline_source(args)
     run = common.Run("smac", args, args.total_steps + args.online_steps,
                      (dataset.ref_min_score, dataset.ref_max_score))
-    if run.checkpoint_step() > args.total_steps:
+    if run.checkpoint_step() > args.total_steps:  # an online checkpoint holds the buffer: the template needs one
         state = online_state(state)
     state, start = run.restore(state, branch_from=args.offline_from)
 
@@ -709,7 +732,8 @@ def main(args: Args) -> dict:
         returns = evaluator(state.actor_params, step)
         if step > args.total_steps:
             return returns
-        return returns, seem(step, {"params": state.critic_params["params"]["q1"]},  # Q1's alone: P counts them
+        # SEEM of Q_θ1 alone: P in Φ's 1/√P counts its parameters only
+        return returns, seem(step, {"params": state.critic_params["params"]["q1"]},
                              lambda i, s: mean_action(common.tree_index(state.actor_params, i), s))
 
     chunk = jax.jit(jax.vmap(partial(train_chunk, agent=agent, num_updates=args.eval_every), in_axes=(0, None)),
