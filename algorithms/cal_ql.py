@@ -6,13 +6,16 @@ Q-values of actions sampled from the policy are clipped from below by the Monte-
 G(s, a) of the batch transition, so the push-down stops once the learned Q is below a reference
 value of the data, and the Q-function stays calibrated:
 
-    y      = r + γ (1 − d) max_k min_i Q_θ̄i(s', a'_k),   a'_k ~ π(·|s'), k = 1..10      (max-target backup)
-    Q̃(s,a) = max(Q_θi(s,a), G(s, a_data))          for a ~ π(·|s) and a ~ π(·|s') only
+    y      = r + γ (1 − d) max_k min_i Q_θ̄i(s', a'_k),   a'_k ~ π(·|s'), k = 1..N   (max-target backup)
+    Q̃(s,a) = max(Q_θi(s,a), G(s, a_data))   for a ~ π(·|s) and a ~ π(·|s') (Q̃ = Q at uniform actions)
     R_i    = E_s[ T log Σ_{a ∈ 3N} exp( (Q̃_θi(s,a) − log μ(a)) / T ) − Q_θi(s, a_data) ]
              over N uniform actions (μ = 0.5^|A|), N actions of π(·|s) and N of π(·|s') (both
-             evaluated at s, with μ = π), the importance-sampled CQL(H) of the authors' code
-    L_Q    = Σ_i [ E (Q_θi(s,a) − y)² + w R_i ]                    (w = 5; optional Lagrange form)
-    L_π    = E_s[ α log π(ã|s) − min_i Q_θi(s, ã) ],   L_α = −log α · E[log π(ã|s) + H̄],  H̄ = −|A|
+             evaluated at s, with μ(a) = π(a|s) and π(a|s′) respectively), the importance-sampled
+             CQL(H) of the authors' code; a log-sum, not a mean, so R_i carries a constant log 3N
+    L_Q    = Σ_i [ E (Q_θi(s,a) − y)² + w R_i ]        (w = 5; --cql-lagrange: w α′ (R_i − gap))
+    L_α′   = −½ Σ_i α′ w (R_i − gap)   (Lagrange form only: α′ grows while R_i > gap = --cql-target-gap)
+    L_π    = E_s[ α log π(ã|s) − min_i Q_θi(s, ã) ],   L_α = −log α · E[log π(ã|s) + H̄],  H̄ = −|A|,
+    with ã ~ π(·|s) reparameterised and d = 1 only at a true terminal state
 
 Every loss is differentiated only with respect to its own parameters, all from the same state,
 as in the authors' JaxCQL code. The actor is a tanh-squashed Gaussian whose log-std is
@@ -28,7 +31,7 @@ of the transition's episode, with no bootstrap at a time limit (so it is a weak 
 of a truncated episode): the authors' code implements only the sparse-reward tasks and raises an
 error otherwise, keeping this form as a commented-out line. The authors' AntMaze runs
 (`run_antmaze.sh`), on Minari's D4RL AntMaze data (rewards {0, 1} -> {−5, +5}; an episode that
-never reaches the goal has G = r_neg / (1 − γ) everywhere, the sparse-failure case):
+never reaches the goal has G = −5 / (1 − γ) = −500 everywhere, the sparse-failure case):
 
     python -m algorithms.cal_ql --dataset D4RL/antmaze/medium-diverse-v1 --reward-scale 10 \
         --reward-bias -5 --sparse-failure-reward 0 --cql-lagrange --cql-target-gap 0.8 \
@@ -38,7 +41,8 @@ never reaches the goal has G = r_neg / (1 − γ) everywhere, the sparse-failure
 serves both phases). Their Adroit runs use binary-reward variants of pen/door/relocate from
 their own fork, which Minari's D4RL Adroit data (dense rewards) are not; their settings there:
 --cql-weight 1, --hidden 512 512, --critic-hidden 512 512 512, --reward-scale 10
---reward-bias 5, --total-steps 20000, then 200k online steps on pen and 1M on door and relocate.
+--reward-bias 5, --sparse-failure-reward -1, --total-steps 20000, then 200k online steps on pen
+and 1M on door and relocate.
 
 Run: python -m algorithms.cal_ql --dataset offlax/hopper/medium-replay-v0 --online-steps 100000
 """
@@ -84,7 +88,8 @@ class Args:
     wandb: bool = False
     """Also log to Weights & Biases (needs `pip install wandb`)."""
     seem_every: int = 0
-    """Log SEEM (largest eigenvalue of the TD dynamics, on a fixed probe of 2,560 transitions) every this many offline updates (X* uses tanh of the actor's mean); 0: never."""
+    """Log SEEM of Q_θ1 (largest eigenvalue of the TD dynamics, on a fixed probe of 2,560 transitions) every
+    this many offline updates; 0: never. X* = (s′, tanh of the actor's mean), Yue et al.'s definition."""
     # --- algorithm ---
     gamma: float = 0.99
     """Discount factor γ."""
@@ -117,7 +122,7 @@ class Args:
     This is JaxCQL's and Cal-QL's form, w α′ (R − gap); the original CQL code's is α′ (w R − gap)
     with log α′ from 0, so its AntMaze setting (w = 5, threshold 5) is --cql-target-gap 1 here."""
     cql_target_gap: float = 0.8
-    """Target value τ of the regulariser in the Lagrange form (0.8, as in Cal-QL's AntMaze scripts)."""
+    """Target value gap of R_i in the Lagrange form (0.8, as in Cal-QL's AntMaze scripts)."""
     cql_clip_diff_min: float = -np.inf
     """Lower clip of the per-sample regulariser."""
     cql_clip_diff_max: float = np.inf
@@ -133,7 +138,8 @@ class Args:
     reward_bias: float = 0.0
     """See --reward-scale."""
     sparse_failure_reward: float | None = None
-    """Sparse tasks: an episode whose every (raw) reward equals this gets G = r'/(1 − γ) everywhere."""
+    """Sparse tasks: an episode whose every raw reward r equals this gets G = (scale·r + bias)/(1 − γ) at
+    every step."""
     data_fraction: float = 1.0
     """Train on this share of the dataset's transitions, drawn once at random (data-scarce study)."""
     num_transitions: int | None = None
@@ -210,7 +216,8 @@ def trajectory_mc_returns(rewards, length, gamma: float, sparse_failure_reward: 
 class MLP(nn.Module):
     """ReLU MLP; with `orthogonal`, hidden kernels orthogonal(√2) and the output kernel orthogonal(1e-2),
     otherwise flax's default hidden kernels and a small uniform output kernel (variance scaling 1e-2,
-    fan-in): both as JaxCQL in Cal-QL's code, so the first policy is near-uniform and Q starts near 0."""
+    fan-in): both as JaxCQL in Cal-QL's code, so the first policy is the same at every state (tanh of mean
+    ≈ 0, σ ≈ e^−1) and Q starts near 0."""
 
     hidden: tuple[int, ...]
     out: int
@@ -261,7 +268,7 @@ class Actor(nn.Module):
 
 
 def sample_action(actor: Actor, params, obs, key, num_samples: int | None = None):
-    """ã = tanh(μ + σ ε), log π(ã|s) = Σ_j [log N(u_j; μ_j, σ_j) − log(1 − tanh(u_j)²)].
+    """u = mean + σ ε, ã = tanh(u), log π(ã|s) = Σ_j [log N(u_j; mean_j, σ_j) − log(1 − tanh(u_j)²)].
 
     With `num_samples` N: N actions per state, shape (B, N, |A|), from one actor pass per state
     (running the actor on N copies of each state would cost N times as much for the same draws)."""
@@ -281,7 +288,7 @@ def sample_action(actor: Actor, params, obs, key, num_samples: int | None = None
 
 def cql_regularizer(q_data, q_rand, q_cur, q_next, logp_cur, logp_next, action_dim: int, temp: float,
                     importance_sample: bool, mc_lower=None):
-    """Per-sample CQL(H) gap logsumexp(OOD actions) − Q(s, a_data), for each critic: shape (2, B).
+    """Per-sample CQL(H) gap logsumexp(OOD actions) − Q(s, a_data) per critic, (2, B), and the bound rate.
 
     q_data (2, B); q_rand, q_cur, q_next (2, B, N) at the current state s; logp_* (B, N).
     Cal-QL: with `mc_lower` (B,), Q at the policy's actions is clipped from below by it first.
@@ -290,6 +297,7 @@ def cql_regularizer(q_data, q_rand, q_cur, q_next, logp_cur, logp_next, action_d
     if mc_lower is not None:
         lower = mc_lower[None, :, None]
         bound_rate = 0.5 * (jnp.mean(q_cur < lower) + jnp.mean(q_next < lower))
+        # where Q < G the max is constant in θ: no gradient, so the push-down stops at the bound
         q_cur, q_next = jnp.maximum(q_cur, lower), jnp.maximum(q_next, lower)
     if importance_sample:
         log_uniform = action_dim * np.log(0.5)  # density of U[−1, 1]^|A|
@@ -353,11 +361,12 @@ def create_state(key, agent: Agent, obs_dim: int) -> TrainState:
 def update(state: TrainState, batch, agent: Agent, cql_weight: float):
     """One Cal-QL update: actor, α, critics (TD + regulariser) and α′ from the same state."""
     a = agent.args
+    # k_next: the backup's a′ ~ π(·|s′); k_nxt: the regulariser's N samples of π(·|s′)
     key, k_pi, k_next, k_rand, k_cur, k_nxt = jax.random.split(state.key, 6)
     obs, next_obs, B, N = batch["observations"], batch["next_observations"], batch["rewards"].shape[0], a.cql_n_actions
     alpha = jnp.exp(state.log_alpha)
 
-    # -- actor and temperature (current critics) --
+    # -- actor and entropy coefficient α (current critics) --
     def actor_loss(params):
         act, logp = sample_action(agent.actor, params, obs, k_pi)
         return jnp.mean(alpha * logp - agent.critic.apply(state.critic_params, obs, act).min(0)), logp
@@ -396,7 +405,8 @@ def update(state: TrainState, batch, agent: Agent, cql_weight: float):
         gap, bound_rate = cql_regularizer(q_data, q_at(rand_a), q_at(cur_a), q_at(nxt_a), logp_cur, logp_nxt,
                                           agent.action_dim, a.cql_temp, a.cql_importance_sample,
                                           batch["mc_returns"])
-        diff = jnp.mean(jnp.clip(gap, a.cql_clip_diff_min, a.cql_clip_diff_max), axis=1)  # Δ_i: (2,)
+        # R_i of the docstring, per critic: (2,)
+        diff = jnp.mean(jnp.clip(gap, a.cql_clip_diff_min, a.cql_clip_diff_max), axis=1)
         reg = alpha_prime * cql_weight * (diff - a.cql_target_gap) if a.cql_lagrange else cql_weight * diff
         return jnp.sum(td + reg), (q_data, td, diff, bound_rate)
 
@@ -507,6 +517,7 @@ def main(args: Args) -> dict:
         + args.reward_bias
     mc = mc_returns(dataset.rewards * args.reward_scale + args.reward_bias, dataset.episode_ends, args.gamma,
                            failure)
+    # returns over whole episodes, before --data-fraction drops transitions (mc[kept] below)
     dataset, kept = common.subsample(dataset, args.data_fraction, args.num_transitions)
     mc = mc[kept]
     data = common.device_arrays(dataset, reward_scale=args.reward_scale, reward_bias=args.reward_bias,
@@ -525,7 +536,8 @@ def main(args: Args) -> dict:
         buffer = common.ReplayBuffer.create(row, max(args.online_steps, max_len))
         trajectory = {k: jnp.zeros((max_len,) + v.shape) for k, v in row.items() if k != "mc_returns"}
         return state.replace(**common.stack_seeds(
-            {"buffer": buffer, "trajectory": trajectory, "trajectory_length": jnp.zeros((), jnp.int32)}, args.num_seeds))
+            {"buffer": buffer, "trajectory": trajectory, "trajectory_length": jnp.zeros((), jnp.int32)},
+            args.num_seeds))
 
     run = common.Run("cal_ql", args, args.total_steps + args.online_steps,
                      (dataset.ref_min_score, dataset.ref_max_score))

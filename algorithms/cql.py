@@ -4,12 +4,16 @@ CQL learns a Q-function whose value under the policy lower-bounds the true value
 down at actions the policy (and a uniform proposal) would pick and up at the data's actions, on top
 of a SAC actor-critic:
 
-    y    = r + γ (1 − d) min_i Q_θ̄i(s', a'),   a' ~ π(·|s')        (--max-target-backup: max over 10 a')
+    y    = r + γ (1 − d) min_i Q_θ̄i(s', a'),   a' ~ π(·|s')        (--max-target-backup: max over N a')
     R_i  = E_s[ T log Σ_{a ∈ 3N} exp( (Q_θi(s,a) − log μ(a)) / T ) − Q_θi(s, a_data) ]
            over N uniform actions (μ = 0.5^|A|), N actions of π(·|s) and N of π(·|s') (both
-           evaluated at s, with μ = π): the importance-sampled CQL(H) of the authors' code
+           evaluated at s, with μ(a) = π(a|s) and π(a|s′) respectively): the importance-sampled CQL(H)
+           of the authors' code; a log-sum, not a mean, so R_i carries a constant log 3N (no effect on
+           the gradient, but it shifts the level --cql-target-gap is compared with)
     L_Q  = Σ_i [ E (Q_θi(s,a) − y)² + w R_i ]            (w = 5; --cql-lagrange: w α′ (R_i − gap))
-    L_π  = E_s[ α log π(ã|s) − min_i Q_θi(s, ã) ],   L_α = −log α · E[log π(ã|s) + H̄],  H̄ = −|A|
+    L_α′ = −½ Σ_i α′ w (R_i − gap)   (Lagrange form only: α′ grows while R_i > gap = --cql-target-gap)
+    L_π  = E_s[ α log π(ã|s) − min_i Q_θi(s, ã) ],   L_α = −log α · E[log π(ã|s) + H̄],  H̄ = −|A|,
+    with ã ~ π(·|s) reparameterised and d = 1 only at a true terminal state
 
 Every loss is differentiated only with respect to its own parameters, all from the same state, as
 in JaxCQL (young-geng), on which the Cal-QL authors built. The actor is a tanh-squashed Gaussian
@@ -66,7 +70,8 @@ class Args:
     wandb: bool = False
     """Also log to Weights & Biases (needs `pip install wandb`)."""
     seem_every: int = 0
-    """Log SEEM (largest eigenvalue of the TD dynamics, on a fixed probe of 2,560 transitions) every this many offline updates (X* uses tanh of the actor's mean); 0: never."""
+    """Log SEEM of Q_θ1 (largest eigenvalue of the TD dynamics, on a fixed probe of 2,560 transitions) every
+    this many offline updates; 0: never. X* = (s′, tanh of the actor's mean), Yue et al.'s definition."""
     # --- algorithm ---
     gamma: float = 0.99
     """Discount factor γ."""
@@ -99,7 +104,7 @@ class Args:
     This is JaxCQL's and Cal-QL's form, w α′ (R − gap); the original CQL code's is α′ (w R − gap)
     with log α′ from 0, so its AntMaze setting (w = 5, threshold 5) is --cql-target-gap 1 here."""
     cql_target_gap: float = 0.8
-    """Target value τ of the regulariser in the Lagrange form (0.8, as in Cal-QL's AntMaze scripts)."""
+    """Target value gap of R_i in the Lagrange form (0.8, as in Cal-QL's AntMaze scripts)."""
     cql_clip_diff_min: float = -np.inf
     """Lower clip of the per-sample regulariser."""
     cql_clip_diff_max: float = np.inf
@@ -144,7 +149,8 @@ def check_args(args: Args) -> None:
 class MLP(nn.Module):
     """ReLU MLP; with `orthogonal`, hidden kernels orthogonal(√2) and the output kernel orthogonal(1e-2),
     otherwise flax's default hidden kernels and a small uniform output kernel (variance scaling 1e-2,
-    fan-in): both as JaxCQL in Cal-QL's code, so the first policy is near-uniform and Q starts near 0."""
+    fan-in): both as JaxCQL in Cal-QL's code, so the first policy is the same at every state (tanh of mean
+    ≈ 0, σ ≈ e^−1) and Q starts near 0."""
 
     hidden: tuple[int, ...]
     out: int
@@ -195,7 +201,7 @@ class Actor(nn.Module):
 
 
 def sample_action(actor: Actor, params, obs, key, num_samples: int | None = None):
-    """ã = tanh(μ + σ ε), log π(ã|s) = Σ_j [log N(u_j; μ_j, σ_j) − log(1 − tanh(u_j)²)].
+    """u = mean + σ ε, ã = tanh(u), log π(ã|s) = Σ_j [log N(u_j; mean_j, σ_j) − log(1 − tanh(u_j)²)].
 
     With `num_samples` N: N actions per state, shape (B, N, |A|), from one actor pass per state
     (running the actor on N copies of each state would cost N times as much for the same draws)."""
@@ -279,11 +285,12 @@ def create_state(key, agent: Agent, obs_dim: int) -> TrainState:
 def update(state: TrainState, batch, agent: Agent, cql_weight: float):
     """One CQL update: actor, α, critics (TD + regulariser) and α′ from the same state."""
     a = agent.args
+    # k_next: the backup's a′ ~ π(·|s′); k_nxt: the regulariser's N samples of π(·|s′)
     key, k_pi, k_next, k_rand, k_cur, k_nxt = jax.random.split(state.key, 6)
     obs, next_obs, B, N = batch["observations"], batch["next_observations"], batch["rewards"].shape[0], a.cql_n_actions
     alpha = jnp.exp(state.log_alpha)
 
-    # -- actor and temperature (current critics) --
+    # -- actor and entropy coefficient α (current critics) --
     def actor_loss(params):
         act, logp = sample_action(agent.actor, params, obs, k_pi)
         return jnp.mean(alpha * logp - agent.critic.apply(state.critic_params, obs, act).min(0)), logp
@@ -321,7 +328,8 @@ def update(state: TrainState, batch, agent: Agent, cql_weight: float):
         q_at = lambda act: agent.critic.apply(params, repeat(obs), act)  # noqa: E731  Q(s, ·): (2, B, N)
         gap = cql_regularizer(q_data, q_at(rand_a), q_at(cur_a), q_at(nxt_a), logp_cur, logp_nxt,
                               agent.action_dim, a.cql_temp, a.cql_importance_sample)
-        diff = jnp.mean(jnp.clip(gap, a.cql_clip_diff_min, a.cql_clip_diff_max), axis=1)  # Δ_i: (2,)
+        # R_i of the docstring, per critic: (2,)
+        diff = jnp.mean(jnp.clip(gap, a.cql_clip_diff_min, a.cql_clip_diff_max), axis=1)
         reg = alpha_prime * cql_weight * (diff - a.cql_target_gap) if a.cql_lagrange else cql_weight * diff
         return jnp.sum(td + reg), (q_data, td, diff)
 
@@ -442,7 +450,8 @@ def main(args: Args) -> dict:
         buffer = common.ReplayBuffer.create(row, max(args.online_steps, max_len))
         trajectory = {k: jnp.zeros((max_len,) + v.shape) for k, v in row.items()}
         return state.replace(**common.stack_seeds(
-            {"buffer": buffer, "trajectory": trajectory, "trajectory_length": jnp.zeros((), jnp.int32)}, args.num_seeds))
+            {"buffer": buffer, "trajectory": trajectory, "trajectory_length": jnp.zeros((), jnp.int32)},
+            args.num_seeds))
 
     run = common.Run("cql", args, args.total_steps + args.online_steps,
                      (dataset.ref_min_score, dataset.ref_max_score))

@@ -7,7 +7,7 @@ advantage-weighted regression:
     L_V(ψ)  = E_{(s,a)~D} L₂^τ( min_i Q_θ̄i(s,a) − V_ψ(s) ),     L₂^τ(u) = |τ − 1(u < 0)| u²
     L_Q(θ)  = Σ_i E_{(s,a,r,s')~D} ( r + γ (1 − d) V_ψ(s') − Q_θi(s,a) )²
     L_π(φ)  = −E_{(s,a)~D} [ min(exp(β (min_i Q_θ̄i(s,a) − V_ψ(s))), 100) · log π_φ(a|s) ]
-    θ̄ ← τ_p θ + (1 − τ_p) θ̄,  τ_p = 0.005
+    θ̄ ← τ_p θ + (1 − τ_p) θ̄,  τ_p = 0.005;  d = 1 only at a true terminal state (truncations bootstrap)
 
 One update runs, in order: V (against the target critics), the actor (target critics and the new
 V), Q (with the new V), the Polyak step: exactly the authors' `learner.py`. The actor is the
@@ -98,7 +98,8 @@ class Args:
     value_lr: float = 3e-4
     """Adam learning rate of V."""
     cosine_decay: bool | None = None
-    """Cosine-decay the actor learning rate to 0 over --total-steps (default: on offline-only, off when fine-tuning, as the authors' configs)."""
+    """Cosine-decay the actor learning rate to 0 over --total-steps (default: on offline-only, off when
+    fine-tuning, as the authors' configs). Forced on with --online-steps, the rate stays 0 online."""
     batch_size: int = 256
     """Transitions per update, sampled uniformly on the device."""
     hidden: tuple[int, ...] = (256, 256)
@@ -158,7 +159,7 @@ class MLP(nn.Module):
         for i, width in enumerate(self.hidden):
             x = dense(width)(x)
             if i + 1 < len(self.hidden) or self.activate_final:
-                if self.layernorm:
+                if self.layernorm:  # flax's ε = 1e-6 (td3_bc.py takes PyTorch's 1e-5, as its authors' code)
                     x = nn.LayerNorm()(x)
                 x = nn.relu(x)
                 if self.dropout > 0:
@@ -329,7 +330,8 @@ def train_chunk(state: TrainState, data, agent: Agent, num_updates: int):
 # ---------------------------------------------------------------------------------------------
 
 def explore(agent: Agent, actor_params, obs, key):
-    """a ~ π(·|s) at temperature 1, clipped to the action box."""
+    """a ~ π(·|s) = tanh'ed mean + σ·ε, clipped to the action box (the authors' sampling temperature 1,
+    unrelated to β = `temperature`)."""
     mean, log_std = agent.actor.apply(actor_params, obs)
     return jnp.clip(mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape), -1.0, 1.0)
 
@@ -384,14 +386,14 @@ def main(args: Args) -> dict:
     agent = make_agent(args, obs_dim, act_dim)
     state = jax.vmap(lambda k: create_state(k, agent, obs_dim, act_dim))(common.seed_keys(args.seed, args.num_seeds))
 
-    def with_buffer(state):  # the online phase's buffer starts with the whole (transformed) dataset
+    def with_buffer(state):  # the online buffer starts with the (transformed) training set, after --data-fraction
         n = len(dataset)
         buffer = common.ReplayBuffer.create({k: data[k][0] for k in common.TRANSITION_KEYS}, n + args.online_steps,
                                             initial={k: data[k] for k in common.TRANSITION_KEYS})
         return state.replace(buffer=common.stack_seeds(buffer, args.num_seeds))
 
     run = common.Run("iql", args, args.total_steps + args.online_steps, (dataset.ref_min_score, dataset.ref_max_score))
-    if run.checkpoint_step() > args.total_steps:
+    if run.checkpoint_step() > args.total_steps:  # an online checkpoint holds the buffer: the template needs one
         state = with_buffer(state)
     state, start = run.restore(state)
     evaluator = common.Evaluator(dataset.make_env, run.seeds, args.eval_episodes,

@@ -5,9 +5,9 @@ Q_θ1, Q_θ2 with Polyak-averaged targets Q_θ̄i, and a temperature α tuned to
 
     y        = r + γ (1 − d) ( min_i Q_θ̄i(s', ã') − α log π_φ(ã'|s') ),   ã' ~ π_φ(·|s')
     L_Q(θ)   = Σ_i E[(Q_θi(s, a) − y)²]
-    L_π(φ)   = E_s[ α log π_φ(ã|s) − min_i Q_θi(s, ã) ],   ã = tanh(μ_φ(s) + σ_φ(s)·ε)
+    L_π(φ)   = E_s[ α log π_φ(ã|s) − min_i Q_θi(s, ã) ],   ã = tanh(μ_φ(s) + σ_φ(s)·ε),  ε ~ N(0, I)
     L_α      = E_s[ −α (log π_φ(ã|s) + H̄) ],   H̄ = −|A|
-    θ̄ ← τ θ + (1 − τ) θ̄ after every update
+    θ̄ ← τ θ + (1 − τ) θ̄ after every update;  d = 1 only at a true terminal state (truncations bootstrap)
 
 Defaults are the usual MuJoCo ones (256x256 networks, Adam 3e-4, batch 256, γ 0.99, τ 0.005,
 one update per environment step after 10,000 uniformly random warm-up steps). This script also
@@ -64,7 +64,8 @@ class Args:
     wandb: bool = False
     """Also log to Weights & Biases (needs `pip install wandb`)."""
     seem_every: int = 0
-    """Log SEEM (largest eigenvalue of the TD dynamics, on a fixed probe of 2,560 transitions) every this many steps (probe drawn from the first seed's replay buffer); 0: never."""
+    """Log SEEM (largest eigenvalue of the TD dynamics) every this many steps, on a fixed probe of 2,560
+    transitions drawn once from the first seed's replay buffer; 0: never."""
     # --- algorithm ---
     learning_starts: int = 10_000
     """Warm-up steps with uniformly random actions before the first update."""
@@ -93,7 +94,7 @@ class Args:
 def check_args(args: Args) -> None:
     common.check_run_args(args, "buffer_size")
     if args.learning_starts < 1:
-        raise SystemExit("--learning-starts must be at least 1 (the buffer needs a transition to sample)")
+        raise SystemExit("--learning-starts must be at least 1 (the first action is always a uniform warm-up action)")
     if not 0 < args.gamma <= 1 or not 0 < args.tau <= 1:
         raise SystemExit("--gamma and --tau must lie in (0, 1]")
 

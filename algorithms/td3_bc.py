@@ -7,15 +7,17 @@ TD3 with a behaviour-cloning term in the actor loss, on normalised states:
     ã'   = clip(π_φ̄(s') + clip(N(0, 0.2²), −0.5, 0.5), −1, 1)                  (target smoothing)
     y    = r + γ (1 − d) min_i Q_θ̄i(s', ã')
     L_Q  = Σ_i E (Q_θi(s, a) − y)²
-    L_π  = −λ E[Q_θ1(s, π_φ(s))] + c · E‖π_φ(s) − a‖²,   λ = α / E|Q_θ1(s, π_φ(s))|  (no gradient)
-    every 2nd critic update: the actor update, then θ̄ ← τ θ + (1 − τ) θ̄ and φ̄ ← τ φ + (1 − τ) φ̄
+    L_π  = −λ E[Q_θ1(s, π_φ(s))] + c · E[‖π_φ(s) − a‖² / |A|],
+           λ = α / E|Q_θ1(s, π_φ(s))|  (no gradient)
+    every 2nd critic update (same batch): actor step, then θ̄ ← τθ + (1 − τ)θ̄ and φ̄ ← τφ + (1 − τ)φ̄
+    (d = 1 only at a true terminal state; time-limit truncations bootstrap)
 
 Defaults are TD3+BC's (α = 2.5, c = 1, τ = 0.005, Adam 3e-4, batch 256, 256x256 networks); the
 weights start from flax's default (LeCun-normal kernels, zero biases), not PyTorch's uniform one.
-Yue et al. explain Q divergence in offline TD by SEEM, the largest eigenvalue of the linearised TD
-dynamics (`common.seem`, logged with `--seem-every`), and cure it with LayerNorm in the critic
-(`--critic-layernorm`: Linear -> LayerNorm -> ReLU in each hidden layer). Their divergence setting is
-pure offline TD3: `--bc-alpha 0 --tau 1.0` (no BC term, hard target copies). `--optimizer sgd`,
+Yue et al. explain Q divergence in offline TD by SEEM, the largest real part of the eigenvalues of
+the linearised TD dynamics (`common.seem`, logged with `--seem-every`, also divided by ‖A‖_F), and
+cure it with LayerNorm in the critic (`--critic-layernorm`: Linear -> LayerNorm -> ReLU in each
+hidden layer). Their divergence setting is pure offline TD3: `--bc-alpha 0 --tau 1.0` (no BC term, hard target copies). `--optimizer sgd`,
 `--gamma`, `--data-fraction` and `--num-transitions` reproduce their other studies.
 `--online-steps` continues TD3+BC online (exploration noise 0.1, buffer seeded with the dataset; one
 critic update per environment step, the actor and targets every `--policy-delay`-th, as TD3).
@@ -63,7 +65,8 @@ class Args:
     wandb: bool = False
     """Also log to Weights & Biases (needs `pip install wandb`)."""
     seem_every: int = 0
-    """Log SEEM (largest eigenvalue of the TD dynamics, on a fixed probe of 2,560 transitions) every this many updates; 0: never."""
+    """Log SEEM (largest eigenvalue of the TD dynamics, on a fixed probe of 2,560 transitions) every this many
+    updates; 0: never."""
     # --- algorithm ---
     alpha: float = 2.5
     """TD3+BC's α: the Q term's weight is λ = α / mean|Q|."""
@@ -169,6 +172,7 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class Agent:
+    """Networks, optimiser and Args: the static parts, closed over by jit."""
     actor: Actor
     critic: TwinCritic
     tx: optax.GradientTransformation
@@ -207,7 +211,8 @@ def critic_update(state: TrainState, batch, agent: Agent):
 
 
 def actor_loss(actor_params, critic_params, batch, agent: Agent):
-    """−λ Q_θ1(s, π(s)) + α_bc (π(s) − a)² with λ = α / mean|Q_θ1| (no gradient through λ); (loss, bc)."""
+    """−λ·mean Q_θ1(s, π_φ(s)) + c·mean (π_φ(s) − a)² (over batch and action dimensions, as the authors'
+    F.mse_loss), λ = α / mean|Q_θ1| (no gradient through λ); returns (loss, BC term)."""
     a = agent.args
     pi = agent.actor.apply(actor_params, batch["observations"])
     q = agent.critic.apply(critic_params, batch["observations"], pi)[0]
@@ -321,7 +326,7 @@ def main(args: Args) -> dict:
 
     run = common.Run("td3_bc", args, args.total_steps + args.online_steps,
                      (dataset.ref_min_score, dataset.ref_max_score))
-    if run.checkpoint_step() > args.total_steps:
+    if run.checkpoint_step() > args.total_steps:  # an online checkpoint holds the buffer: the template needs one
         state = with_buffer(state)
     state, start = run.restore(state)
 

@@ -84,7 +84,7 @@ def _agent(module, obs_dim, act_dim, **overrides):
 
 @pytest.mark.parametrize("module", [cql, cal_ql])
 @pytest.mark.parametrize("orthogonal", [False, True])
-def test_initial_policy_near_uniform_and_q_near_zero(module, orthogonal):
+def test_initial_policy_centred_and_q_near_zero(module, orthogonal):
     """Both initialisations end in a small output layer (JaxCQL's): tanh(mean) near 0, log σ near the
     offset −1, Q near 0. Flax's default output kernel would give |mean| and Q of order 1."""
     obs = jax.random.normal(jax.random.PRNGKey(1), (1000, 17)) * 3.0
