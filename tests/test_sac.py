@@ -1,4 +1,5 @@
-"""SAC: the tanh-Gaussian log-probability, policy export, exact resume, and a learning check."""
+"""SAC: the update's losses by hand, the tanh-Gaussian log-probability, policy export, exact resume,
+and a learning check."""
 
 import json
 from pathlib import Path
@@ -39,6 +40,41 @@ def test_log_prob_matches_change_of_variables():
     gauss = -0.5 * ((u - np.asarray(mean)) / std) ** 2 - np.log(std) - 0.5 * np.log(2 * np.pi)
     expected = np.sum(gauss - np.log(1 - np.tanh(u) ** 2), axis=-1)
     np.testing.assert_allclose(logp, expected, rtol=1e-3, atol=1e-3)
+
+
+def test_update_losses_by_hand():
+    """One SAC update against its losses written out in numpy: the soft target with the entropy term
+    and the smaller target critic, the summed twin-critic MSE, the actor against the *updated* critics,
+    the temperature loss at the pre-update actor's log-probabilities, and the Polyak step."""
+    args = _args("unused", hidden=(16,), gamma=0.9, tau=0.3, init_alpha=0.5)
+    agent = sac.make_agent(args, 3, 2)
+    state = sac.create_state(jax.random.PRNGKey(0), agent, 3, 2, args)
+    # a target unlike the critic, so that using the wrong one shows
+    state = state.replace(target_critic_params=jax.tree.map(lambda x: 0.5 * x + 0.1, state.target_critic_params))
+    r = np.random.default_rng(0)
+    batch = {"observations": r.normal(size=(8, 3)).astype(np.float32),
+             "actions": r.uniform(-1, 1, (8, 2)).astype(np.float32),
+             "rewards": r.normal(size=8).astype(np.float32),
+             "next_observations": r.normal(size=(8, 3)).astype(np.float32),
+             "terminals": (np.arange(8) % 3 == 0).astype(np.float32)}
+    new, m = sac.update(state, batch, agent)
+
+    _, k_next, k_pi = jax.random.split(state.key, 3)
+    alpha = 0.5
+    q = lambda params, s, a: np.asarray(agent.critic.apply(params, s, a), np.float64)  # noqa: E731
+    next_a, next_logp = sac.sample_action(agent.actor, state.actor_params, batch["next_observations"], k_next)
+    soft_next = q(state.target_critic_params, batch["next_observations"], next_a).min(0) - alpha * np.asarray(next_logp)
+    y = batch["rewards"] + 0.9 * (1 - batch["terminals"]) * soft_next
+    critic_loss = sum(np.mean((qi - y) ** 2) for qi in q(state.critic_params, batch["observations"], batch["actions"]))
+    a_pi, logp = sac.sample_action(agent.actor, state.actor_params, batch["observations"], k_pi)
+    actor_loss = np.mean(alpha * np.asarray(logp) - q(new.critic_params, batch["observations"], a_pi).min(0))
+    alpha_loss = -alpha * np.mean(np.asarray(logp) - 2.0)  # target entropy H̄ = −|A| = −2
+    assert float(m["critic_loss"]) == pytest.approx(critic_loss, rel=1e-5)
+    assert float(m["actor_loss"]) == pytest.approx(actor_loss, rel=1e-5)
+    assert float(m["alpha_loss"]) == pytest.approx(alpha_loss, rel=1e-5)
+    for t_new, c_new, t_old in zip(jax.tree.leaves(new.target_critic_params), jax.tree.leaves(new.critic_params),
+                                   jax.tree.leaves(state.target_critic_params)):
+        np.testing.assert_allclose(t_new, 0.3 * np.asarray(c_new) + 0.7 * np.asarray(t_old), rtol=1e-5, atol=1e-6)
 
 
 def test_exported_policy_acts_like_the_actor(tmp_path):

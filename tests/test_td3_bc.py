@@ -1,5 +1,6 @@
-"""TD3+BC and the LayerNorm-TD variants: the actor loss by hand, divergence as a known behaviour
-(pure offline TD3 diverges and SEEM says so; LayerNorm prevents it), smoke runs with SEEM."""
+"""TD3+BC and the LayerNorm-TD variants: the actor loss and the critic target by hand, divergence as
+a known behaviour (pure offline TD3 diverges and SEEM says so; LayerNorm prevents it), smoke runs
+with SEEM."""
 
 import dataclasses
 import json
@@ -38,6 +39,32 @@ def test_actor_loss_by_hand():
     expected = -2.5 / np.abs(q1).mean() * q1.mean() + 0.7 * bc
     assert float(m["actor_loss"]) == pytest.approx(expected, rel=1e-5)
     assert float(m["bc_loss"]) == pytest.approx(bc, rel=1e-5)
+
+
+def test_critic_target_by_hand():
+    """y = r + γ (1 − d) min_i Q_θ̄i(s', clip(π_φ̄(s') + clip(σ ε, −c, c), −1, 1)): the target actor and
+    critics (made unlike the online ones, so that mixing them up shows), the noise clipped before the
+    action, the smaller critic; L_Q sums the twins' MSEs."""
+    agent = _agent(gamma=0.9, policy_noise=0.2, noise_clip=0.5)
+    state = td3_bc.create_state(jax.random.PRNGKey(0), agent, 3, 2)
+    state = state.replace(target_critic_params=jax.tree.map(lambda x: 0.5 * x + 0.1, state.target_critic_params),
+                          target_actor_params=jax.tree.map(lambda x: 3.0 * x, state.target_actor_params))
+    r = np.random.default_rng(0)
+    batch = {"observations": r.normal(size=(8, 3)).astype(np.float32),
+             "actions": r.uniform(-1, 1, (8, 2)).astype(np.float32),
+             "rewards": r.normal(size=8).astype(np.float32),
+             "next_observations": r.normal(size=(8, 3)).astype(np.float32),
+             "terminals": (np.arange(8) % 3 == 0).astype(np.float32)}
+    _, m = td3_bc.critic_update(state, batch, agent)
+    _, k_noise = jax.random.split(state.key)
+    eps = np.asarray(jax.random.normal(k_noise, (8, 2)), np.float64)
+    mu = np.asarray(agent.actor.apply(state.target_actor_params, batch["next_observations"]), np.float64)
+    next_a = np.clip(mu + np.clip(0.2 * eps, -0.5, 0.5), -1, 1)
+    next_q = np.asarray(agent.critic.apply(state.target_critic_params, batch["next_observations"],
+                                           next_a.astype(np.float32)), np.float64).min(0)
+    y = batch["rewards"] + 0.9 * (1 - batch["terminals"]) * next_q
+    q = np.asarray(agent.critic.apply(state.critic_params, batch["observations"], batch["actions"]), np.float64)
+    assert float(m["critic_loss"]) == pytest.approx(np.sum(np.mean((q - y) ** 2, axis=1)), rel=1e-5)
 
 
 def _rows(run_dir):
