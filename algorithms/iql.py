@@ -99,7 +99,7 @@ class Args:
     """Adam learning rate of V."""
     cosine_decay: bool | None = None
     """Cosine-decay the actor learning rate to 0 over --total-steps (default: on offline-only, off when
-    fine-tuning, as the authors' configs). Forced on with --online-steps, the rate stays 0 online."""
+    fine-tuning, as the authors' configs; refused with --online-steps, where the rate would stay 0 online)."""
     batch_size: int = 256
     """Transitions per update, sampled uniformly on the device."""
     hidden: tuple[int, ...] = (256, 256)
@@ -124,6 +124,10 @@ def check_args(args: Args) -> None:
         raise SystemExit(f"--expectile must lie in (0, 1), got {tau}")
     if not 0 < args.gamma <= 1 or args.online_steps < 0:
         raise SystemExit("--gamma must lie in (0, 1] and --online-steps must be >= 0")
+    if args.cosine_decay and args.online_steps > 0:
+        raise SystemExit("--cosine-decay with --online-steps would hold the actor's learning rate at 0 through "
+                         "the whole online phase (it decays to 0 over --total-steps); drop it to fine-tune, "
+                         "as the authors do")
 
 
 # ---------------------------------------------------------------------------------------------

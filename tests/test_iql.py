@@ -150,6 +150,8 @@ def test_iql_family_defaults_and_bad_args(tmp_path, hopper_tiny):
     assert iql.FAMILIES["antmaze"][:2] == (0.9, 10.0) and iql.FAMILIES["kitchen"][2] == 0.1
     with pytest.raises(SystemExit, match="expectile"):
         iql.main(iql.Args(dataset=hopper_tiny, expectile=1.5, runs_dir=str(tmp_path)))
+    with pytest.raises(SystemExit, match="--cosine-decay with --online-steps"):
+        iql.main(iql.Args(dataset=hopper_tiny, cosine_decay=True, online_steps=5000, runs_dir=str(tmp_path)))
     with pytest.raises(common.DataError, match="asked for 5000 transitions"):
         iql.main(iql.Args(dataset=hopper_tiny, num_transitions=5000, total_steps=100, eval_every=100,
                           runs_dir=str(tmp_path)))
