@@ -133,3 +133,13 @@ def q1_param_count(in_dim: int, hidden: tuple[int, ...], layernorm: bool = False
     """Parameters of one critic MLP on (s, a): SEEM's P, which must not count the twin Q2 too."""
     widths = [in_dim, *hidden, 1]
     return sum((a + 1) * b for a, b in zip(widths[:-1], widths[1:])) + (2 * sum(hidden) if layernorm else 0)
+
+
+def random_batch(n: int = 8, obs_dim: int = 3, act_dim: int = 2, seed: int = 0) -> dict:
+    """A fabricated batch of transitions (float32), every third one terminal, for losses by hand."""
+    r = np.random.default_rng(seed)
+    return {"observations": r.normal(size=(n, obs_dim)).astype(np.float32),
+            "actions": r.uniform(-1, 1, (n, act_dim)).astype(np.float32),
+            "rewards": r.normal(size=n).astype(np.float32),
+            "next_observations": r.normal(size=(n, obs_dim)).astype(np.float32),
+            "terminals": (np.arange(n) % 3 == 0).astype(np.float32)}

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import q1_param_count
+from conftest import q1_param_count, random_batch
 
 from benchmarks import offlax_suite
 from algorithms import sac
@@ -51,12 +51,7 @@ def test_update_losses_by_hand():
     state = sac.create_state(jax.random.PRNGKey(0), agent, 3, 2, args)
     # a target unlike the critic, so that using the wrong one shows
     state = state.replace(target_critic_params=jax.tree.map(lambda x: 0.5 * x + 0.1, state.target_critic_params))
-    r = np.random.default_rng(0)
-    batch = {"observations": r.normal(size=(8, 3)).astype(np.float32),
-             "actions": r.uniform(-1, 1, (8, 2)).astype(np.float32),
-             "rewards": r.normal(size=8).astype(np.float32),
-             "next_observations": r.normal(size=(8, 3)).astype(np.float32),
-             "terminals": (np.arange(8) % 3 == 0).astype(np.float32)}
+    batch = random_batch()
     new, m = sac.update(state, batch, agent)
 
     _, k_next, k_pi = jax.random.split(state.key, 3)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import q1_param_count
+from conftest import q1_param_count, random_batch
 
 import common
 from algorithms import td3_bc
@@ -49,12 +49,7 @@ def test_critic_target_by_hand():
     state = td3_bc.create_state(jax.random.PRNGKey(0), agent, 3, 2)
     state = state.replace(target_critic_params=jax.tree.map(lambda x: 0.5 * x + 0.1, state.target_critic_params),
                           target_actor_params=jax.tree.map(lambda x: 3.0 * x, state.target_actor_params))
-    r = np.random.default_rng(0)
-    batch = {"observations": r.normal(size=(8, 3)).astype(np.float32),
-             "actions": r.uniform(-1, 1, (8, 2)).astype(np.float32),
-             "rewards": r.normal(size=8).astype(np.float32),
-             "next_observations": r.normal(size=(8, 3)).astype(np.float32),
-             "terminals": (np.arange(8) % 3 == 0).astype(np.float32)}
+    batch = random_batch()
     _, m = td3_bc.critic_update(state, batch, agent)
     _, k_noise = jax.random.split(state.key)
     eps = np.asarray(jax.random.normal(k_noise, (8, 2)), np.float64)
