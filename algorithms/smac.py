@@ -31,10 +31,10 @@ second-order derivative, which JAX differentiates exactly. The paper replaces Ad
 (`optax.contrib.muon`): orthogonalised momentum for the kernels of every layer of the actor, critics
 and α_ψ but the output layer (the first, input layer included); output layers, biases and scalars
 take optax's Adam branch of Muon, which follows Muon's Nesterov switch (with its own b1 = 0.9), so
-NAdam. Online
-(`--online-steps`), the pre-trained actor and critics continue with plain SAC (`--online-algo sac`,
-the regulariser off) or TD3 (`--online-algo td3`: the actor's tanh-mean becomes the deterministic
-policy), `--online-utd` updates (default 1) per environment step on batches half offline, half online.
+NAdam. Online (`--online-steps`), the pre-trained actor and critics continue with plain SAC
+(`--online-algo sac`, the regulariser off) or TD3 (`--online-algo td3`: the actor's tanh-mean becomes
+the deterministic policy), `--online-utd` updates (default 1) per environment step on batches half
+offline, half online.
 
 Not specified by the paper's public material, so explicit flags here (defaults documented at
 each flag and in the README): κ (`--kappa`), the form of α_ψ (`--scale-sign`), the reward signal

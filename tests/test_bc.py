@@ -11,6 +11,7 @@ import pytest
 
 import common
 from algorithms import bc
+from conftest import random_batch
 
 TIMING = ("updates_per_s", "compile_s")
 
@@ -31,13 +32,11 @@ def test_bc_loss_and_gradient_by_hand():
     """L(θ) = mean_b ‖tanh(W s_b + c) − a_b‖² for a one-layer policy, and its gradient in closed form:
     ∂L/∂W = (2/B) Σ_b [(π_b − a_b) ⊙ (1 − π_b²)] s_bᵀ."""
     actor = bc.Actor((), 2)
-    r = np.random.default_rng(0)
-    batch = {"observations": r.normal(size=(6, 3)).astype(np.float32),
-             "actions": r.uniform(-1, 1, (6, 2)).astype(np.float32)}
+    batch = random_batch(6)
     params = actor.init(jax.random.PRNGKey(0), jnp.zeros((1, 3)))
-    w = np.asarray(params["params"]["Dense_0"]["kernel"], np.float64)
-    c = np.asarray(params["params"]["Dense_0"]["bias"], np.float64) + 0.3
-    params = {"params": {"Dense_0": {"kernel": jnp.asarray(w, jnp.float32), "bias": jnp.asarray(c, jnp.float32)}}}
+    layer = params["params"]["Dense_0"]
+    layer["bias"] = layer["bias"] + 0.3  # flax starts it at 0: a non-zero bias, so that dropping it shows
+    w, c = np.asarray(layer["kernel"], np.float64), np.asarray(layer["bias"], np.float64)
     pi = np.tanh(batch["observations"] @ w + c)
     err = pi - batch["actions"]
     loss, grads = jax.value_and_grad(bc.bc_loss)(params, actor, batch)
