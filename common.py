@@ -999,8 +999,9 @@ def train_online(run: Run, state, envs: gym.vector.SyncVectorEnv, step_fn: Calla
             real_next[i] = info["final_obs"][i]
         transition = {"observations": obs, "actions": action, "rewards": reward, "next_observations": real_next,
                       "terminals": term, "episode_ends": done}
-        transition = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), transition)
-        next_obs32 = jnp.asarray(next_obs, jnp.float32)
+        # numpy float32, not jnp: the conversion is then no eager XLA op (about 1 ms a step saved), same values
+        transition = jax.tree.map(lambda x: np.asarray(x, np.float32), transition)
+        next_obs32 = np.asarray(next_obs, np.float32)
         if t == start:  # compile once, timed apart
             c0 = time.perf_counter()
             step_fn = step_fn.lower(state, transition, next_obs32, t, *step_args).compile()
