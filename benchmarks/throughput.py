@@ -19,8 +19,9 @@ batch 256), for one seed and for N vmapped seeds. It reports:
 
 An update is one critic update (TD3+BC: half of a group of two critic updates and one actor
 update). SAC has no offline chunk; its row fuses SAC's `update` the same way on the synthetic data.
-SMAC's row is its offline actor-critic update (the diffusion model, trained first, is timed in its
-own row, `smac_score`). Run it on an otherwise idle machine: the numbers are only as good as that.
+SMAC's row is its offline actor-critic update with Muon, `smac_adam` the same with `--optimizer adam`
+(the difference is Muon's Newton-Schulz orthogonalisation), and the diffusion model, trained first,
+is timed in its own row, `smac_score`. Run it on an otherwise idle machine: the numbers are only as good as that.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 
-ALGOS = ("bc", "sac", "iql", "cql", "cal_ql", "td3_bc", "smac", "smac_score")
+ALGOS = ("bc", "sac", "iql", "cql", "cal_ql", "td3_bc", "smac", "smac_adam", "smac_score")
 
 
 def synthetic_data(n: int, obs_dim: int, act_dim: int, seed: int = 0) -> dict:
@@ -57,9 +58,11 @@ def synthetic_data(n: int, obs_dim: int, act_dim: int, seed: int = 0) -> dict:
 
 def learner(algo: str, obs_dim: int, act_dim: int, batch: int):
     """(init(key) -> state of one seed, chunk(state, data, num_updates) -> (state, metrics))."""
-    name = "smac" if algo == "smac_score" else algo
+    name = "smac" if algo.startswith("smac") else algo
     mod = importlib.import_module(f"algorithms.{name}")
     args = dataclasses.replace(mod.Args(), batch_size=batch)
+    if algo == "smac_adam":  # the ablation's optimiser: Muon's Newton-Schulz iterations are what it removes
+        args = dataclasses.replace(args, optimizer="adam")
     if algo == "bc":
         actor, tx = mod.Actor(args.hidden, act_dim), optax.adam(args.lr)
         return (lambda k: mod.create_state(k, actor, tx, obs_dim),
