@@ -128,7 +128,8 @@ class Args:
     optimizer: Literal["muon", "adam"] = "muon"
     """Muon for the actor's, critics' and α_ψ's layer kernels but the output layers' (NAdam, optax's Adam
     branch of Muon, for the rest), or plain Adam throughout; offline and online alike (fine-tuning
-    continues with the offline optimisers and their states)."""
+    continues with the offline optimisers and their states). Muon's Newton-Schulz steps are half of the
+    offline update's FLOPs at the default sizes (4.1 against 2.05 GFLOP, benchmarks/results/throughput_avx2.md)."""
     muon_output_layers: bool = False
     """Muon also for the output layers' kernels (the usual practice, followed by default, leaves them to Adam)."""
     muon_rms: float = 0.2
