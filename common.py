@@ -1050,7 +1050,7 @@ def machine() -> str:
     import platform
 
     cpu = platform.processor() or platform.machine()
-    try:  # the model name and the widest vector unit: one "AMD EPYC" name covers hosts 3x apart in speed
+    try:  # the model name and the widest vector unit: one "AMD EPYC" name covers hosts 2.5-4x apart
         info = open("/proc/cpuinfo").read()
         cpu = next(l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name"))
         flags = set(next(l for l in info.splitlines() if l.startswith("flags")).split())
