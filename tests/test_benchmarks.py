@@ -488,3 +488,25 @@ def test_run_local_logs_and_reports_failures(tmp_path, capsys):
     assert "diverged" in (tmp_path / bad.name / "log.txt").read_text()
     out = capsys.readouterr().out
     assert f"FAILED (exit 1) {bad.name}" in out and f"finished {ok.name}" in out
+
+
+def test_core_slots_split_the_cores_among_workers():
+    assert sweep.core_slots(2, [0, 1]) == [[0], [1]]
+    assert sweep.core_slots(2, [3, 0, 2, 1, 4]) == [[0, 1, 2], [3, 4]]
+    assert sweep.core_slots(1, [0, 1]) == [[0, 1]]
+    assert sweep.core_slots(3, [0, 1]) is None  # fewer cores than workers: nothing pinned
+    env = sweep.worker_env([1], {"XLA_FLAGS": "--xla_dump_to=/tmp/x", "HOME": "/root"})
+    assert env["XLA_FLAGS"] == ("--xla_dump_to=/tmp/x --xla_cpu_multi_thread_eigen=false "
+                                "intra_op_parallelism_threads=1") and env["HOME"] == "/root"
+    assert "XLA_FLAGS" not in sweep.worker_env([0, 1], {}) and "XLA_FLAGS" not in sweep.worker_env(None, {})
+
+
+def test_run_local_pins_a_worker_to_its_cores(tmp_path):
+    import os
+    core = min(os.sched_getaffinity(0))
+    (config,) = expand()
+    probe = "import os; print('cores', sorted(os.sched_getaffinity(0)), 'flags', os.environ.get('XLA_FLAGS'))"
+    failed = sweep.run_local([(config, [sys.executable, "-c", probe], tmp_path)], workers=1, poll_s=0.05,
+                             slots=[[core]])
+    log = (tmp_path / "log.txt").read_text()
+    assert not failed and f"cores [{core}] flags" in log and "intra_op_parallelism_threads=1" in log
