@@ -37,8 +37,8 @@ For sac, the `--datasets` values are environment ids (`--env-id`).
 
 Modes: by default the configurations run here, `--workers` at a time, each logging to
 `<out>/<config name>/log.txt`; with more than one worker, each is pinned to its share of the CPU
-cores, and a worker with one core runs XLA single-threaded (`--no-pin` turns this off): on a
-2-core CPU two single-threaded runs side by side do 17-46% more updates in all than one run on
+cores, and a worker with one core runs XLA single-threaded (`--no-pin` turns this off): on the
+project's 2-core AVX2 host two single-threaded runs side by side did 17-46% more work than one run on
 both cores, whose small matrix products share two threads poorly
 (`benchmarks/results/pinning_avx2.md`); `--dry-run` prints the decisions and commands only; `--slurm`
 writes `<out>/commands.txt` (one command per configuration still to run) and `<out>/sweep.sbatch`
